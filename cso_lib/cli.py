@@ -1,0 +1,161 @@
+"""The `cso` command line: the pipeline, each stage, the simulation, SQL over the warehouse.
+
+    cso run                                  # everything, on the embedded default (local Spark, simulation)
+    cso run --config my.yaml --set cso.k=3   # YAML plus overrides
+    cso sql "SELECT reason, count(*) FROM critical_candidates GROUP BY reason"
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cso_lib.config import Config, load_config
+from cso_lib.entry import setup_logging
+from cso_lib.errors import CSOError
+
+app = typer.Typer(help="Critical Step Optimization on Spark + Delta.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML configuration file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+RunOpt = Annotated[str | None, typer.Option("--run-id", help="Run to work on or resume.")]
+
+
+def _cfg(config: str | None, overrides: list[str] | None, run_id: str | None = None, **extra) -> Config:
+    items = list(overrides or [])
+    if run_id:
+        items.append(f"run_id={run_id}")
+    items += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return load_config(config, items)
+
+
+def _stage(name: str, cfg: Config) -> dict:
+    from cso_lib.spark import build_spark
+    from cso_lib.stages.pipeline import STAGES
+
+    spark = build_spark(cfg, name)
+    try:
+        return STAGES[name](cfg, spark)
+    finally:
+        spark.stop()
+
+
+def _guard(fn):
+    setup_logging()
+    try:
+        return fn()
+    except CSOError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    run_id: RunOpt = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Pairs straight from candidates (ablation).")] = False,
+    order: Annotated[str | None, typer.Option(help="prm_first (default) or paper.")] = None,
+    skip_ingest: Annotated[bool, typer.Option(help="Mine what is already in the warehouse.")] = False,
+) -> None:
+    """Run the whole pipeline and print the summary."""
+
+    def go():
+        from cso_lib.spark import build_spark
+        from cso_lib.stages import pipeline
+
+        cfg = _cfg(config, overrides, run_id, **{"cso.verify": "false" if no_verify else None, "cso.order": order})
+        spark = build_spark(cfg, "pipeline")
+        try:
+            result = pipeline.run(cfg, spark, skip_ingest=skip_ingest)
+        finally:
+            spark.stop()
+        typer.echo(f"summary written to {cfg.storage.warehouse}/_summaries/{result['summary']['run_id']}.json")
+
+    _guard(go)
+
+
+def _stage_command(name: str, help_text: str) -> None:
+    def command(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+        _guard(lambda: typer.echo(json.dumps(_stage(name, _cfg(config, overrides, run_id)), indent=2, default=str)))
+
+    command.__doc__ = help_text
+    app.command(name=name.replace("_", "-"))(command)
+
+
+for _name, _help in [
+    ("ingest", "Ingest raw logs into trajectories / steps / quarantine."),
+    ("select", "Select the failed trajectories of a run (its work set)."),
+    ("score_policy", "PRM scores of the policy's own actions."),
+    ("propose", "Expert alternatives where a step can still qualify."),
+    ("score_alternatives", "PRM scores of alternatives, then candidate selection."),
+    ("rollouts", "Branch rollouts with verification."),
+    ("build_pairs", "Pairs into critical_steps and dpo_pairs/."),
+]:
+    _stage_command(_name, _help)
+
+
+@app.command()
+def simulate(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Write the simulation world's logs (native JSONL) to sim.logs_dir."""
+    from cso_lib.stages import simulate as sim
+
+    _guard(lambda: typer.echo(json.dumps(sim.run(_cfg(config, overrides)), indent=2)))
+
+
+@app.command()
+def summary(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Print the summary of a run (default: the latest)."""
+
+    def go():
+        from cso_lib.spark import build_spark
+        from cso_lib.stages import summary as summ
+
+        cfg = _cfg(config, overrides, run_id)
+        spark = build_spark(cfg, "summary")
+        try:
+            summ.render(summ.compute(cfg, spark))
+        finally:
+            spark.stop()
+
+    _guard(go)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="Spark SQL; bare table names refer to the warehouse's Delta tables.")],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
+) -> None:
+    """Run Spark SQL over the warehouse (each Delta table is a temporary view of its name)."""
+
+    def go():
+        from rich.console import Console
+        from rich.table import Table
+
+        from cso_lib.delta_io import read_table
+        from cso_lib.spark import build_spark
+        from schemas.tables import TABLES
+
+        cfg = _cfg(config, overrides)
+        spark = build_spark(cfg, "sql")
+        try:
+            for name in TABLES:
+                read_table(spark, cfg, name).createOrReplaceTempView(name)
+            df = spark.sql(query)
+            table = Table(*df.columns)
+            for row in df.limit(limit).collect():
+                table.add_row(*[str(v) for v in row])
+            Console().print(table)
+        finally:
+            spark.stop()
+
+    _guard(go)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,136 @@
+"""Delta table I/O: create with schema, idempotent MERGE on natural keys, run records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from delta.exceptions import (
+    ConcurrentAppendException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    MetadataChangedException,
+)
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from cso_lib.config import Config
+from schemas.tables import KEYS, TABLES
+
+log = logging.getLogger("cso")
+
+CONCURRENT_WRITE_ERRORS = (
+    ConcurrentAppendException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    MetadataChangedException,
+)
+
+TABLE_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+
+
+def table_path(cfg: Config, name: str) -> str:
+    return cfg.storage.table(name)
+
+
+_ENSURED: set[tuple[str, str]] = set()  # (Spark application id, path) created or found in this driver
+
+
+def ensure_table(spark: SparkSession, cfg: Config, name: str) -> str:
+    path = table_path(cfg, name)
+    key = (spark.sparkContext.applicationId, path)
+    if key in _ENSURED:
+        return path
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(TABLES[name])
+    for prop, value in TABLE_PROPERTIES.items():
+        builder = builder.property(prop, value)
+    builder.execute()
+    _ENSURED.add(key)
+    return path
+
+
+def ensure_tables(spark: SparkSession, cfg: Config) -> None:
+    for name in TABLES:
+        ensure_table(spark, cfg, name)
+
+
+def read_table(spark: SparkSession, cfg: Config, name: str) -> DataFrame:
+    return spark.read.format("delta").load(ensure_table(spark, cfg, name))
+
+
+def _conform(df: DataFrame, name: str) -> DataFrame:
+    """Columns in the table's order and types, so a MERGE never evolves a schema by accident."""
+    schema = TABLES[name]
+    missing = [f.name for f in schema.fields if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"rows for table {name!r} lack columns {missing!r}")
+    return df.select(*[df[f.name].cast(f.dataType).alias(f.name) for f in schema.fields])
+
+
+@retry(
+    retry=retry_if_exception_type(CONCURRENT_WRITE_ERRORS),
+    wait=wait_random_exponential(multiplier=0.5, max=10),
+    stop=stop_after_attempt(6),
+    reraise=True,
+)
+def merge(spark: SparkSession, cfg: Config, name: str, df: DataFrame, update: bool = False) -> None:
+    """MERGE rows into a table on its natural keys: insert new keys, and update existing ones if `update`.
+
+    Insert-only merges (the default) are what make every stage idempotent: a rerun adds nothing.
+    Delta's concurrent-write conflicts are retried with jittered backoff.
+    """
+    target = DeltaTable.forPath(spark, ensure_table(spark, cfg, name))
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in KEYS[name])
+    builder = target.alias("t").merge(_conform(df, name).alias("s"), cond)
+    if update:
+        builder = builder.whenMatchedUpdateAll()
+    builder.whenNotMatchedInsertAll().execute()
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@contextmanager
+def stage_run(spark: SparkSession, cfg: Config, run_id: str, stage: str) -> Iterator[dict]:
+    """Names the stage in the Spark UI, logs and records (run id, stage, counts, duration) in `runs`."""
+    started = now()
+    t0 = time.monotonic()
+    stats: dict = {}
+    sc = spark.sparkContext
+    sc.setJobGroup(f"cso-{stage}", f"cso {stage} run={run_id}")
+    sc.setJobDescription(f"cso {stage} ({run_id})")
+    log.info("stage %s run %s: started", stage, run_id)
+    try:
+        yield stats
+    finally:
+        sc.setJobDescription(None)
+    seconds = time.monotonic() - t0
+    log.info("stage %s run %s: %s in %.1f s", stage, run_id, stats, seconds)
+    row = [
+        (
+            run_id,
+            stage,
+            started,
+            now(),
+            seconds,
+            stats.get("rows_in"),
+            stats.get("rows_out"),
+            json.dumps(stats, default=str, sort_keys=True),
+        )
+    ]
+    spark.createDataFrame(row, TABLES["runs"]).write.format("delta").mode("append").save(
+        ensure_table(spark, cfg, "runs")
+    )
+
+
+def new_run_id(kind: str = "run") -> str:
+    """A sortable, unique run id, e.g. run-20261123T050102-3fa2c1."""
+    import secrets
+
+    return f"{kind}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"

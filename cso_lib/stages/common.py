@@ -1,0 +1,95 @@
+"""What the mining stages share: the run being worked on, trajectory bundles, Arrow batch functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import StructType
+
+from cso_lib.config import Config
+from cso_lib.delta_io import read_table
+from cso_lib.errors import StageError
+from cso_lib.messages import Message, Step
+
+BATCH_ROWS = 256  # trajectories per Arrow batch handed to a model call
+
+
+def resolve_run_id(spark: SparkSession, cfg: Config) -> str:
+    """cfg.run_id, or the most recently selected run."""
+    if cfg.run_id:
+        return cfg.run_id
+    latest = read_table(spark, cfg, "work_set").orderBy(F.col("selected_at").desc()).select("run_id").first()
+    if latest is None:
+        raise StageError("no run selected yet: run the `select` stage first (or pass run_id)")
+    return latest["run_id"]
+
+
+def work_trajectories(spark: SparkSession, cfg: Config, run_id: str) -> DataFrame:
+    ws = read_table(spark, cfg, "work_set").where(F.col("run_id") == run_id).select("trajectory_id")
+    return read_table(spark, cfg, "trajectories").join(ws, "trajectory_id", "left_semi")
+
+
+def work_steps(spark: SparkSession, cfg: Config, run_id: str) -> DataFrame:
+    ws = read_table(spark, cfg, "work_set").where(F.col("run_id") == run_id).select("trajectory_id")
+    return read_table(spark, cfg, "steps").join(ws, "trajectory_id", "left_semi")
+
+
+def bundles(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame) -> DataFrame:
+    """One row per work-set trajectory that has rows in `todo` (keyed by trajectory_id).
+
+    Columns: trajectory fields, `steps_json` (the trajectory's steps in order, as one JSON array) and
+    `todo_json` (the todo rows of that trajectory). The per-step prompts are built from these inside the
+    executors, one trajectory at a time, so no table ever holds a per-step copy of the prefix.
+    """
+    todo_cols = [c for c in todo.columns if c != "trajectory_id"]
+    todo_g = todo.groupBy("trajectory_id").agg(
+        F.to_json(F.collect_list(F.struct(*todo_cols))).alias("todo_json")
+    )
+    steps = (
+        read_table(spark, cfg, "steps")
+        .join(todo_g.select("trajectory_id"), "trajectory_id", "left_semi")
+        .groupBy("trajectory_id")
+        .agg(F.to_json(F.array_sort(F.collect_list(F.struct("step_idx", "action", "observations")))).alias(
+            "steps_json"))
+    )
+    traj = work_trajectories(spark, cfg, run_id).select(
+        "trajectory_id", "task_id", "env", "ground_truth", "tools", "preamble", "policy_version", "round",
+        "n_steps")
+    n = max(1, cfg.spark.shuffle_partitions)
+    return traj.join(steps, "trajectory_id").join(todo_g, "trajectory_id").repartition(n, "trajectory_id")
+
+
+def parse_bundle(row: dict[str, Any]) -> tuple[list[Message], list[Step], list[dict] | None, list[dict]]:
+    """(preamble, steps, tools, todo rows) of a bundle row."""
+    steps = [(orjson.loads(s["action"]), orjson.loads(s["observations"])) for s in orjson.loads(row["steps_json"])]
+    tools = orjson.loads(row["tools"]) if row.get("tools") else None
+    return orjson.loads(row["preamble"]), steps, tools, orjson.loads(row["todo_json"])
+
+
+def map_batches(
+    df: DataFrame, fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema: StructType
+) -> DataFrame:
+    """Apply `fn` (rows of one Arrow batch -> output rows) on executors with mapInArrow."""
+    arrow_schema = to_arrow_schema(schema)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        pending: list[dict[str, Any]] = []
+        for batch in batches:
+            pending.extend(batch.to_pylist())
+            while len(pending) >= BATCH_ROWS:
+                chunk, pending = pending[:BATCH_ROWS], pending[BATCH_ROWS:]
+                yield pa.RecordBatch.from_pylist(fn(chunk), schema=arrow_schema)
+        if pending:
+            yield pa.RecordBatch.from_pylist(fn(pending), schema=arrow_schema)
+
+    return df.mapInArrow(run, schema)
+
+
+def dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

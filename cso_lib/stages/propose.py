@@ -1,0 +1,88 @@
+"""Expert alternatives: k proposed next actions per step, in the policy's own action format.
+
+Order `prm_first` (default) asks only where the policy's action scored below gamma_low, since no other
+step can become a candidate; `paper` asks at every step, as the paper does. Alternatives identical to the
+policy's own action (same tools and arguments) are dropped: they cannot make a preference pair.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import IntegerType, StringType, StructField, StructType
+
+from cso_lib.config import Config
+from cso_lib.delta_io import merge, read_table, stage_run
+from cso_lib.messages import iter_states, signature
+from cso_lib.models import StepRequest, build_models, get_models
+from cso_lib.stages.common import bundles, dumps, map_batches, parse_bundle, resolve_run_id, work_steps
+
+PROPOSED = StructType(
+    [
+        StructField("trajectory_id", StringType(), False),
+        StructField("step_idx", IntegerType(), False),
+        StructField("alt_idx", IntegerType(), False),
+        StructField("expert_model", StringType(), False),
+        StructField("action", StringType(), False),
+    ]
+)
+
+
+def propose_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
+    expert = get_models(cfg_json).expert
+    requests, policy_actions = [], []
+    for row in rows:
+        preamble, steps, tools, todo = parse_bundle(row)
+        want = {item["step_idx"] for item in todo}
+        for t, state in iter_states(preamble, steps):
+            if t in want:
+                requests.append(StepRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools))
+                policy_actions.append(steps[t][0])
+    out = []
+    for req, own, alts in zip(requests, policy_actions, expert.propose(requests, k), strict=True):
+        kept = [a for a in alts if signature(a) != signature(own)]
+        for j, action in enumerate(kept[:k]):
+            out.append(
+                {
+                    "trajectory_id": req.trajectory_id,
+                    "step_idx": req.step_idx,
+                    "alt_idx": j,
+                    "expert_model": expert.name,
+                    "action": dumps({"role": "assistant", **{x: v for x, v in action.items() if x != "role"}}),
+                }
+            )
+    return out
+
+
+def run(cfg: Config, spark: SparkSession) -> dict:
+    run_id = resolve_run_id(spark, cfg)
+    models = build_models(cfg)
+    with stage_run(spark, cfg, run_id, "propose") as stats:
+        steps = work_steps(spark, cfg, run_id).select("trajectory_id", "step_idx")
+        if cfg.cso.order == "prm_first":
+            low = (
+                read_table(spark, cfg, "prm_scores")
+                .where(
+                    (F.col("alt_idx") == -1)
+                    & (F.col("prm_model") == models.prm.name)
+                    & (F.col("status") == "ok")
+                    & (F.col("score") < cfg.cso.gamma_low)
+                )
+                .select("trajectory_id", "step_idx")
+            )
+            steps = steps.join(low, ["trajectory_id", "step_idx"], "left_semi")
+        done = (
+            read_table(spark, cfg, "expert_alternatives")
+            .where(F.col("expert_model") == models.expert.name)
+            .select("trajectory_id", "step_idx")
+            .distinct()
+        )
+        todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti")
+        stats["rows_in"] = stats["steps_asked"] = todo.count()
+        cfg_json, k = cfg.model_dump_json(), cfg.cso.k
+        out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: propose_rows(cfg_json, k, rows), PROPOSED)
+        out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()).persist()
+        stats["rows_out"] = out.count()
+        merge(spark, cfg, "expert_alternatives", out)
+        out.unpersist()
+    return {"run_id": run_id, **stats}

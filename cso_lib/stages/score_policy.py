@@ -1,0 +1,89 @@
+"""PRM scores of the policy's own actions (alt_idx = -1), for every step of the work set not yet scored."""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
+
+from cso_lib.config import Config
+from cso_lib.delta_io import merge, read_table, stage_run
+from cso_lib.messages import iter_states
+from cso_lib.models import ScoreRequest, build_models, get_models
+from cso_lib.stages.common import bundles, map_batches, parse_bundle, resolve_run_id, work_steps
+
+SCORED = StructType(
+    [
+        StructField("trajectory_id", StringType(), False),
+        StructField("step_idx", IntegerType(), False),
+        StructField("alt_idx", IntegerType(), False),
+        StructField("prm_model", StringType(), False),
+        StructField("score", DoubleType(), True),
+        StructField("status", StringType(), False),
+        StructField("reasoning", StringType(), True),
+    ]
+)
+
+
+def score_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
+    """Score the todo actions of each bundle; todo rows carry step_idx, alt_idx and, for alternatives, action.
+
+    States are built incrementally per trajectory and the requests of a trajectory stay consecutive, so a
+    backend with prefix caching sees shared prefixes back to back.
+    """
+    import orjson
+
+    prm = get_models(cfg_json).prm
+    requests: list[ScoreRequest] = []
+    alt_idxs: list[int] = []
+    for row in rows:
+        preamble, steps, tools, todo = parse_bundle(row)
+        by_step: dict[int, list[dict]] = {}
+        for item in todo:
+            by_step.setdefault(item["step_idx"], []).append(item)
+        for t, state in iter_states(preamble, steps):
+            for item in sorted(by_step.get(t, []), key=lambda i: i["alt_idx"]):
+                action = steps[t][0] if item["alt_idx"] < 0 else orjson.loads(item["action"])
+                requests.append(
+                    ScoreRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools, action=action)
+                )
+                alt_idxs.append(item["alt_idx"])
+    scores = prm.score(requests)
+    return [
+        {
+            "trajectory_id": r.trajectory_id,
+            "step_idx": r.step_idx,
+            "alt_idx": a,
+            "prm_model": prm.name,
+            "score": s.score,
+            "status": s.status,
+            "reasoning": s.reasoning,
+        }
+        for r, a, s in zip(requests, alt_idxs, scores, strict=True)
+    ]
+
+
+def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict) -> None:
+    cfg_json = cfg.model_dump_json()
+    out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: score_rows(cfg_json, rows), SCORED)
+    out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()).persist()
+    stats["rows_out"] = out.count()  # model calls happen here, once; MERGE reuses the persisted rows
+    stats["unscored"] = out.where(F.col("status") != "ok").count()
+    merge(spark, cfg, "prm_scores", out)
+    out.unpersist()
+
+
+def run(cfg: Config, spark: SparkSession) -> dict:
+    run_id = resolve_run_id(spark, cfg)
+    prm_name = build_models(cfg).prm.name
+    with stage_run(spark, cfg, run_id, "score_policy") as stats:
+        done = (
+            read_table(spark, cfg, "prm_scores")
+            .where((F.col("alt_idx") == -1) & (F.col("prm_model") == prm_name))
+            .select("trajectory_id", "step_idx")
+        )
+        steps = work_steps(spark, cfg, run_id).select("trajectory_id", "step_idx")
+        todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti").withColumn("alt_idx", F.lit(-1))
+        stats["rows_in"] = steps.count()
+        write_scores(spark, cfg, run_id, todo, stats)
+    return {"run_id": run_id, **stats}
