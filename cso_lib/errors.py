@@ -23,3 +23,11 @@ class StageError(CSOError):
 
 class ToolError(CSOError):
     """An environment tool was called wrongly; the message becomes the observation."""
+
+
+class SandboxError(CSOError):
+    """The code sandbox itself cannot run (bad limits, no interpreter); sandboxed code's own errors are output."""
+
+
+class URLRefusedError(ToolError):
+    """A browser tool was asked for a URL outside the loopback site it may visit."""

@@ -270,12 +270,20 @@ class SimWorld:
 
     # ---- reading a history ----------------------------------------------------------------------
     def _pairs(self, state: list[Message]):
-        """(tool name, args, observation text) for each tool call in the history."""
-        results = {m.get("tool_call_id"): m.get("content") for m in state if m.get("role") == "tool"}
+        """(tool name, args, observation text or None) for each tool call, matching each call with the
+        next tool message carrying its id (agents do reuse ids across turns)."""
+        pending: list[tuple] = []
         for msg in state:
             if msg.get("role") == "assistant":
-                for name, args, call_id in tool_calls(msg):
-                    yield name, args, results.get(call_id)
+                yield from ((name, args, None) for name, args, _ in pending)
+                pending = list(tool_calls(msg))
+            elif msg.get("role") == "tool":
+                for i, (name, args, call_id) in enumerate(pending):
+                    if call_id == msg.get("tool_call_id"):
+                        del pending[i]
+                        yield name, args, msg.get("content")
+                        break
+        yield from ((name, args, None) for name, args, _ in pending)
 
     def belief(self, task: Task, state: list[Message]) -> Belief:
         b = Belief()
@@ -293,6 +301,8 @@ class SimWorld:
                     continue  # a malformed call: retried, nothing learnt
                 if obs.startswith("Error"):
                     b.failed = True
+                    continue
+                if " = " not in obs:
                     continue
                 value = obs.split(" = ", 1)[1].split(" (", 1)[0]
                 b.failed = False

@@ -16,7 +16,14 @@ from cso_lib.config import Config
 from cso_lib.delta_io import read_table
 from cso_lib.messages import iter_states
 from cso_lib.models import get_models
-from cso_lib.stages.common import bundles, map_batches, parse_bundle, resolve_run_id, work_steps, work_trajectories
+from cso_lib.stages.common import (
+    bundles,
+    map_batches,
+    parse_bundle,
+    resolve_run_id,
+    work_steps,
+    work_trajectories,
+)
 from schemas.tables import TABLES
 
 TRUTH = StructType([StructField("trajectory_id", StringType(), False), StructField("step_idx", IntegerType(), False)])

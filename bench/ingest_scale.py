@@ -1,0 +1,159 @@
+"""Ingestion at scale: our ingest stage vs a bare Spark job over the same JSONL, on one local[2] session.
+
+    SPARK_LOCAL_IP=127.0.0.1 .venv/bin/python bench/ingest_scale.py            # 100k trajectories, ~1M steps
+    SPARK_LOCAL_IP=127.0.0.1 .venv/bin/python bench/ingest_scale.py --trajectories 5000
+
+The log file is generated once by bench/gen_logs.py (seeded) into bench/data/ and reused. After a warm-up
+of both jobs on a small slice (so neither pays JVM/Python start-up), it measures:
+
+(a) `seconds`: cso's ingest stage into a fresh warehouse (parse + validate + convert every record, staging
+    Parquet, verdicts, MERGE into `quarantine`, `steps`, `trajectories`, the `runs` record), then selecting
+    the failures: `trajectories` where outcome = 0 joined to their step counts in `steps`, counted.
+(b) `bare_spark_seconds`: spark.read.json with an explicit schema (no inference pass), filter outcome = 0,
+    posexplode the steps, write Parquet. No validation, no quarantine, no Delta, no idempotence.
+
+and writes bench/results/ingest_scale.json (ratio = seconds / bare_spark_seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gen_logs import generate
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from cso_lib.config import Config, load_config
+from cso_lib.spark import build_spark
+from cso_lib.stages import ingest
+
+T = TypeVar("T")
+BENCH = Path(__file__).resolve().parent
+BARE_SCHEMA = (
+    "trajectory_id string, task_id string, query string, outcome int, steps array<struct<"
+    "action: struct<content: string, tool_calls: array<struct<id: string, type: string, "
+    "function: struct<name: string, arguments: string>>>>, observation: string>>"
+)
+
+
+def ours(cfg: Config, spark: SparkSession) -> tuple[dict, int]:
+    stats = ingest.run(cfg, spark)
+    wh = cfg.storage.warehouse
+    failed = spark.sql(
+        f"SELECT t.trajectory_id, count(*) AS n FROM delta.`{wh}/trajectories` t "
+        f"JOIN delta.`{wh}/steps` s ON s.trajectory_id = t.trajectory_id WHERE t.outcome = 0 GROUP BY t.trajectory_id"
+    ).count()
+    return stats, failed
+
+
+def bare(spark: SparkSession, path: Path, out: Path) -> None:
+    (
+        spark.read.schema(BARE_SCHEMA)
+        .json(str(path))
+        .filter(F.col("outcome") == 0)
+        .select("trajectory_id", F.posexplode("steps").alias("step_idx", "step"))
+        .select("trajectory_id", "step_idx", "step.action", "step.observation")
+        .write.mode("overwrite")
+        .parquet(str(out))
+    )
+
+
+def timed(fn: Callable[..., T], *args: Any) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - t0, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trajectories", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-mb", type=int, default=64, help="ingest.split_bytes in MiB")
+    parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--out", type=Path, default=BENCH / "results" / "ingest_scale.json")
+    args = parser.parse_args()
+
+    data = BENCH / "data"
+    logs = data / f"logs-n{args.trajectories}-seed{args.seed}.jsonl"
+    warm = data / "logs-n500-seed1.jsonl"
+    for path, n, seed in ((logs, args.trajectories, args.seed), (warm, 500, 1)):
+        if not path.exists():
+            print(f"generating {path} ...", flush=True)
+            print(generate(path, n, seed), flush=True)
+    work = data / "run"
+    shutil.rmtree(work, ignore_errors=True)
+
+    def cfg_for(name: str, path: Path) -> Config:
+        return load_config(
+            None,
+            [
+                "spark.master=local[2]",
+                f"spark.conf={{spark.driver.memory: {args.driver_memory}, spark.ui.enabled: 'false', "
+                f"spark.sql.warehouse.dir: '{work / 'spark-warehouse'}'}}",
+                f"storage.warehouse={work / name}",
+                f"ingest.paths=[{path}]",
+                f"ingest.split_bytes={args.split_mb * 1024 * 1024}",
+            ],
+        )
+
+    cfg = cfg_for("warehouse", logs)
+    spark = build_spark(cfg, "bench-ingest")
+    ours(cfg_for("warm-warehouse", warm), spark)
+    bare(spark, warm, work / "warm-bare")
+
+    load_before = os.getloadavg()[0]
+    seconds, (stats, failed) = timed(ours, cfg, spark)
+    print(f"ours: {seconds:.1f} s {stats} failed={failed}", flush=True)
+    bare_seconds, _ = timed(bare, spark, logs, work / "bare")
+    print(f"bare: {bare_seconds:.1f} s", flush=True)
+    spark.stop()
+
+    n_steps = stats["steps_new"]  # a fresh warehouse: every step of every accepted record
+    result = {
+        "trajectories": stats["read"],
+        "steps": n_steps,
+        "bytes": logs.stat().st_size,
+        "failed_trajectories": failed,
+        "seconds": round(seconds, 2),
+        "bare_spark_seconds": round(bare_seconds, 2),
+        "ratio": round(seconds / bare_seconds, 3),
+        "steps_per_second": round(n_steps / seconds),
+        "ingest_stats": {k: v for k, v in stats.items() if k != "run_id"},
+        "command": " ".join(
+            ["SPARK_LOCAL_IP=127.0.0.1", ".venv/bin/python", "bench/ingest_scale.py", *sys.argv[1:]]
+        ),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "spark_master": "local[2]",
+            "driver_memory": args.driver_memory,
+            "split_mb": args.split_mb,
+            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+            "note": "2 cores shared with other processes; a 1-minute load average above 2 means the timings "
+            "include contention",
+        },
+        "measured": {
+            "seconds": "cso ingest stage into a fresh Delta warehouse + count of failed trajectories joined to steps",
+            "bare_spark_seconds": "spark.read.json (explicit schema) -> filter outcome=0 -> posexplode steps -> Parquet",
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

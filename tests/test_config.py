@@ -1,0 +1,46 @@
+"""Configuration: paper defaults, YAML + overrides, clear errors. Pure Python."""
+
+import pytest
+
+from cso_lib.config import load_config
+from cso_lib.errors import ConfigError
+
+
+def test_paper_defaults():
+    cfg = load_config(None)
+    assert (cfg.cso.gamma_low, cfg.cso.gamma_high, cfg.cso.k, cfg.train.beta) == (0.45, 0.65, 5, 0.5)
+    assert cfg.spark.master == "local[2]" and cfg.policy.provider == "sim" and cfg.cso.order == "prm_first"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cso:\n  k: 3\n  gamma_low: 0.3\nstorage:\n  warehouse: /data/wh\n")
+    cfg = load_config(path, ["cso.k=7", "select.policy_version=v2"])
+    assert cfg.cso.k == 7 and cfg.cso.gamma_low == 0.3 and cfg.storage.warehouse == "/data/wh"
+    assert cfg.select.policy_version == "v2"
+    assert cfg.storage.table("steps") == "/data/wh/steps" and cfg.storage.pairs_path == "/data/wh/dpo_pairs"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("cso.gamma_low=0.9", "gamma_low"),
+        ("cso.k=0", "k"),
+        ("cso.order=random", "order"),
+        ("cso.nonsense=1", "nonsense"),
+        ("novalue", "section.key=value"),
+        ("select.sample_fraction=0", "sample_fraction"),
+    ],
+)
+def test_invalid_settings_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
