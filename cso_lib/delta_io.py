@@ -78,18 +78,28 @@ def _conform(df: DataFrame, name: str) -> DataFrame:
     stop=stop_after_attempt(6),
     reraise=True,
 )
-def merge(spark: SparkSession, cfg: Config, name: str, df: DataFrame, update: bool = False) -> None:
+def merge(
+    spark: SparkSession, cfg: Config, name: str, df: DataFrame, update: bool = False, stable_source: bool = False
+) -> None:
     """MERGE rows into a table on its natural keys: insert new keys, and update existing ones if `update`.
 
     Insert-only merges (the default) are what make every stage idempotent: a rerun adds nothing.
-    Delta's concurrent-write conflicts are retried with jittered backoff.
+    Delta's concurrent-write conflicts are retried with jittered backoff. `stable_source=True` says the
+    source reads immutable files (e.g. a staging folder), so Delta need not copy it before merging.
     """
     target = DeltaTable.forPath(spark, ensure_table(spark, cfg, name))
     cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in KEYS[name])
     builder = target.alias("t").merge(_conform(df, name).alias("s"), cond)
     if update:
         builder = builder.whenMatchedUpdateAll()
-    builder.whenNotMatchedInsertAll().execute()
+    key = "spark.databricks.delta.merge.materializeSource"
+    previous = spark.conf.get(key, "auto")
+    if stable_source:
+        spark.conf.set(key, "none")
+    try:
+        builder.whenNotMatchedInsertAll().execute()
+    finally:
+        spark.conf.set(key, previous)
 
 
 def now() -> datetime:

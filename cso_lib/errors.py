@@ -31,3 +31,48 @@ class SandboxError(CSOError):
 
 class URLRefusedError(ToolError):
     """A browser tool was asked for a URL outside the loopback site it may visit."""
+
+
+class ParseError(CSOError):
+    """A model's answer (PRM score, expert alternatives, error category) does not parse; never defaulted."""
+
+
+class LLMError(CSOError):
+    """A model call failed. `retryable` says whether sending the same request again may succeed."""
+
+    retryable = False
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class LLMRequestError(LLMError):
+    """The request itself was refused (HTTP 400/401/403/404/422) or cannot be built; never retried."""
+
+
+class LLMTransientError(LLMError):
+    """A failure that may pass: HTTP 5xx, a dropped connection, a malformed or truncated body."""
+
+    retryable = True
+
+
+class LLMRateLimitError(LLMTransientError):
+    """The provider answered 429 (or 529, overloaded); `retry_after` holds its Retry-After in seconds."""
+
+
+class LLMTimeoutError(LLMTransientError):
+    """No complete answer arrived within the per-call timeout."""
+
+
+class LLMResponseError(LLMTransientError):
+    """The provider answered 2xx with a body that is not valid JSON or lacks the expected fields."""
+
+
+class LLMBatchError(LLMError):
+    """A provider batch cannot be submitted, found or read (failed, cancelled, file missing)."""

@@ -371,7 +371,7 @@ def _load(spark: SparkSession, cfg: Config, run_id: str, staging: str) -> dict[s
     quarantine = bad.unionByName(rejected).withColumns(
         {"run_id": F.lit(run_id), "quarantined_at": F.lit(stamp)}
     )
-    merge(spark, cfg, "quarantine", quarantine)
+    merge(spark, cfg, "quarantine", quarantine, stable_source=True)
 
     new = staged.filter(F.col("status") == "ok").join(
         F.broadcast(verdicts.filter(F.col("verdict") == "new").select("source", "ordinal")),
@@ -381,12 +381,13 @@ def _load(spark: SparkSession, cfg: Config, run_id: str, staging: str) -> dict[s
     steps = new.select("trajectory_id", F.explode("steps").alias("s")).select(
         "trajectory_id", "s.*", F.lit(run_id).alias("ingest_run_id")
     )
-    merge(spark, cfg, "steps", steps)
+    merge(spark, cfg, "steps", steps, stable_source=True)
     merge(
         spark,
         cfg,
         "trajectories",
         new.drop("steps").withColumns({"ingest_run_id": F.lit(run_id), "ingested_at": F.lit(stamp)}),
+        stable_source=True,
     )
 
     read = sum(status.values())
