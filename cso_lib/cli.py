@@ -99,6 +99,24 @@ for _name, _help in [
 
 
 @app.command()
+def baselines(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Baseline datasets for A/B against CSO: Step-DPO, ETO-style trajectory pairs, RFT."""
+
+    def go():
+        from cso_lib.spark import build_spark
+        from cso_lib.stages import baselines as bl
+
+        cfg = _cfg(config, overrides, run_id)
+        spark = build_spark(cfg, "baselines")
+        try:
+            typer.echo(json.dumps(bl.run(cfg, spark), indent=2, default=str))
+        finally:
+            spark.stop()
+
+    _guard(go)
+
+
+@app.command()
 def simulate(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Write the simulation world's logs (native JSONL) to sim.logs_dir."""
     from cso_lib.stages import simulate as sim

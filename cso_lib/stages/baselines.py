@@ -42,7 +42,7 @@ ETO = StructType(
         StructField("rejected_trajectory_id", StringType(), nullable=False),
         StructField("branch_step_idx", IntegerType(), nullable=True),
         StructField("branch_alt_idx", IntegerType(), nullable=True),
-        StructField("chosen_reward", DoubleType(), nullable=True),
+        StructField("chosen_reward", DoubleType(), nullable=True),  # logged reward; null for branch rollouts
         StructField("rejected_reward", DoubleType(), nullable=True),
         StructField("policy_version", StringType(), nullable=False),
         StructField("run_id", StringType(), nullable=False),
@@ -202,7 +202,7 @@ def eto(spark: SparkSession, cfg: Config, convs: DataFrame, run_id: str) -> Data
                 F.col("alt_idx").alias("branch_alt_idx"), "continuation")
     )
     branch = failed.join(wins, "trajectory_id").select(
-        *failed.columns, none("string").alias("c_trajectory_id"), F.lit(1.0).alias("c_reward"),
+        *failed.columns, none("string").alias("c_trajectory_id"), none("double").alias("c_reward"),
         none("string").alias("c_preamble"), none("string").alias("c_steps_json"),
         F.lit("branch_rollout").alias("source"), "branch_step_idx", "branch_alt_idx", "continuation")
     todo = logged.unionByName(branch).repartition(max(1, cfg.spark.shuffle_partitions), "trajectory_id")
