@@ -371,7 +371,8 @@ def _load(spark: SparkSession, cfg: Config, run_id: str, staging: str) -> dict[s
     quarantine = bad.unionByName(rejected).withColumns(
         {"run_id": F.lit(run_id), "quarantined_at": F.lit(stamp)}
     )
-    merge(spark, cfg, "quarantine", quarantine, stable_source=True)
+    if status.get("quarantined", 0) + counts.get("duplicate", 0) + counts.get("conflict", 0):
+        merge(spark, cfg, "quarantine", quarantine, stable_source=True)  # skipped when empty: ~2 s of Delta
 
     new = staged.filter(F.col("status") == "ok").join(
         F.broadcast(verdicts.filter(F.col("verdict") == "new").select("source", "ordinal")),
