@@ -229,9 +229,13 @@ class AnthropicClient(HTTPClient):
     async def chat(self, req: ChatRequest) -> Reply:
         start = time.monotonic()
         body = anthropic_body(req, default_max_tokens=self.default_max_tokens)
-        first = await self._one(body)
-        rest = await asyncio.gather(*(self._one(body) for _ in range(req.n - 1)))
-        parts = [first, *rest]
+        parts = [await self._one(body)]
+        tasks = [asyncio.ensure_future(self._one(body)) for _ in range(req.n - 1)]
+        try:
+            parts += await asyncio.gather(*tasks)
+        finally:  # one failed (or we were cancelled): stop the others
+            for t in tasks:
+                t.cancel()
         usage = Usage()
         for p in parts:
             usage = usage + p[2]

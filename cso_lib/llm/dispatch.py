@@ -144,9 +144,12 @@ async def run_all(
                     await done
 
     async with client:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(min(concurrency, len(requests))):
-                tg.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(concurrency, len(requests))):
+                    tg.create_task(worker())
+        except ExceptionGroup as eg:  # a bug or an on_result failure: raise it as itself
+            raise eg.exceptions[0] from None
     return [r for r in results if r is not None]
 
 

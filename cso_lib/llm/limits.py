@@ -11,10 +11,16 @@ thread-safe, so several loops in one Python worker may share it):
   `ChatRequest.estimate_input_tokens`); output tokens are reserved as min(max_tokens, expected_output) per
   sample. Both come from token buckets (capacity `burst_s` seconds of budget) that may go into debt, and
   are reconciled with the actual usage when the answer arrives.
-- Adaptation (AIMD on the multiplier m in [min_multiplier, 1]): a 429 multiplies m by `decrease` (0.7),
-  at most once per "epoch" (429s of requests sent before the last cut do not cut again); every
-  `increase_every_s` (period/30) with successes, m grows by `increase` (+2%), never above 1, so the rate
-  never exceeds the configured limit. The provider's own limit headers (`x-ratelimit-limit-requests`,
+- Adaptation (AIMD on the multiplier m in [min_multiplier, 1]): a 429 cuts the rate, at most once per
+  "epoch" (429s of requests sent before the last cut do not cut again), to the larger of `decrease` (0.7)
+  x the current rate and the rate this limiter actually got answered over the last period (when a
+  provider's window is full, that is this task's share of the real limit): configured at twice the real
+  limit it lands near the real limit at the first 429, and a lone 429 from jitter costs little. Once a
+  whole period has passed without a 429, every `increase_every_s` (period/4: 15 s for a minute) m grows by
+  `fast_increase` (+10%) while below 90% of where the last cut came from, then by `increase` (+2%), never
+  above 1, so the rate never exceeds the configured limit. Probing that slowly keeps 429s rare: a
+  sliding-window provider only answers 429 once a whole window has filled, so faster probing overshoots
+  before it hears back. The provider's own limit headers (`x-ratelimit-limit-requests`,
   `anthropic-ratelimit-requests-limit`) cap the rate at their value * share when lower than configured.
 - On 429 every task of this limiter pauses until Retry-After (seconds, or an HTTP date; `retry-after-ms`
   too) plus up to 10% jitter; `...-remaining-requests: 0` with a reset (`x-ratelimit-reset-requests`
@@ -32,6 +38,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,6 +160,7 @@ class AdaptiveLimiter:
         headroom: float = 0.02,
         decrease: float = 0.7,
         increase: float = 0.02,
+        fast_increase: float = 0.1,
         increase_every_s: float | None = None,
         min_multiplier: float = 0.05,
         burst_s: float | None = None,
@@ -163,7 +171,11 @@ class AdaptiveLimiter:
         self.limits, self.share = limits, share
         self.expected_output_tokens = expected_output_tokens
         self.headroom, self.decrease, self.increase = headroom, decrease, increase
-        self.increase_every_s = increase_every_s if increase_every_s is not None else limits.period_s / 30
+        self.fast_increase = fast_increase
+        self._cut_from = 1.0  # the multiplier before the last cut
+        self._answered: deque[tuple[float, int]] = deque()  # (sent_at, requests) answered, last period
+        self._last_429 = 0.0
+        self.increase_every_s = increase_every_s if increase_every_s is not None else limits.period_s / 4
         self.min_multiplier = min_multiplier
         burst = burst_s if burst_s is not None else limits.period_s / 10
         self._lock = threading.Lock()
@@ -239,8 +251,13 @@ class AdaptiveLimiter:
                 b.refill(now)
                 b.take(n)
             self._observe(headers or {}, now)
-            if self.multiplier < 1 and now - self._last_change >= self.increase_every_s:
-                self._set_multiplier(self.multiplier * (1 + self.increase), now)
+            self._answered.append((ticket.sent_at, ticket.requests))
+            while self._answered and self._answered[0][0] < now - self.limits.period_s:
+                self._answered.popleft()
+            quiet = now - self._last_429 >= self.limits.period_s  # a whole window without a 429
+            if self.multiplier < 1 and quiet and now - self._last_change >= self.increase_every_s:
+                step = self.fast_increase if self.multiplier < 0.9 * self._cut_from else self.increase
+                self._set_multiplier(self.multiplier * (1 + step), now)
 
     def on_rate_limited(self, ticket: Ticket, retry_after: float | None,
                         headers: Mapping[str, str] | None = None) -> None:
@@ -248,13 +265,25 @@ class AdaptiveLimiter:
         with self._lock:
             now = time.monotonic()
             self.rate_limited += ticket.requests
+            self._last_429 = now
             self._give_back(ticket, now)
             self._observe(headers or {}, now)
             if retry_after is not None:
                 self._pause(now, retry_after)
             if ticket.epoch == self._epoch:
                 self._epoch += 1
-                self._set_multiplier(self.multiplier * self.decrease, now)
+                self._cut_from = self.multiplier
+                self._set_multiplier(max(self.multiplier * self.decrease, self._measured_multiplier(now)), now)
+
+    def _measured_multiplier(self, now: float) -> float:
+        """The multiplier that matches the rate answered (not 429) over the last period; 0 if unpaced."""
+        while self._answered and self._answered[0][0] < now - self.limits.period_s:
+            self._answered.popleft()
+        rate = self.requests_per_s()
+        if not rate:
+            return 0.0
+        got = sum(n for _, n in self._answered) / self.limits.period_s
+        return min(self.multiplier, self.multiplier * got * (1 - self.headroom) / rate)
 
     def on_failure(self, ticket: Ticket, headers: Mapping[str, str] | None = None) -> None:
         """Another failure (5xx, timeout, bad body): give the token reservation back."""

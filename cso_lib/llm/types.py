@@ -123,7 +123,7 @@ class ChatResult:
     choices: list[Message] = field(default_factory=list)  # OpenAI-format assistant messages, one per sample
     finish_reasons: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    latency_s: float = 0.0  # first send to final answer, incl. backoff between attempts
+    latency_s: float = 0.0  # from the first wait for a send slot to the final answer, incl. backoff
     attempts: int = 0
     http_statuses: list[int] = field(default_factory=list)  # one per attempt that got an HTTP answer
     error: str | None = None
