@@ -117,6 +117,24 @@ def baselines(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt
 
 
 @app.command()
+def cost(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Cost and tokens of the model calls by stage and model, and the projected cost of the remaining work."""
+
+    def go():
+        from cso_lib.spark import build_spark
+        from cso_lib.stages import cost as cost_stage
+
+        cfg = _cfg(config, overrides, run_id)
+        spark = build_spark(cfg, "cost")
+        try:
+            cost_stage.render(cost_stage.report(cfg, spark))
+        finally:
+            spark.stop()
+
+    _guard(go)
+
+
+@app.command()
 def simulate(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Write the simulation world's logs (native JSONL) to sim.logs_dir."""
     from cso_lib.stages import simulate as sim

@@ -88,6 +88,18 @@ class ModelConfig(_Section):
     )
     model: str = Field("sim", description="Model name at the provider.")
     params: dict[str, Any] = Field(default_factory=dict, description="Sampling parameters.")
+    base_url: str | None = Field(None, description="Endpoint of an HTTP provider, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key itself never goes in config)."
+    )
+    requests_per_minute: float | None = Field(None, gt=0, description="Job-wide request budget for this model.")
+    input_tokens_per_minute: float | None = Field(None, gt=0, description="Job-wide input-token budget.")
+    output_tokens_per_minute: float | None = Field(None, gt=0, description="Job-wide output-token budget.")
+    max_attempts: int = Field(5, ge=1, le=20, description="Sends per request at most (retries are bounded).")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP call.")
+    deadline_s: float = Field(900.0, gt=0, description="Give up on a request (all attempts) after this long.")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per Spark task.")
+    parse_retries: int = Field(2, ge=0, description="New samples asked when a judge answer does not parse.")
 
 
 class CSOConfig(_Section):
@@ -149,6 +161,22 @@ class Config(_Section):
     cso: CSOConfig = Field(default_factory=CSOConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="USD per million tokens per model name: {model: {input, output, cached_input, cache_write}}.",
+    )
+    tasks_at_once: int = Field(
+        2, ge=1, description="Spark tasks calling a model at the same time; each gets 1/tasks_at_once of its budget."
+    )
+    journal_dir: str | None = Field(
+        None,
+        description="Local or shared (NFS) folder where executors make each model response durable at once "
+        "(default <warehouse>/_llm_journal; must be a filesystem path, not an object-store URI).",
+    )
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal_dir or self.storage.table("_llm_journal")
 
     @property
     def sim_logs_dir(self) -> str:

@@ -47,19 +47,23 @@ class Score:
 class Policy(Protocol):
     name: str
 
-    def act(self, requests: list[StepRequest]) -> list[Message]: ...
+    def act(self, requests: list[StepRequest], ctx=None) -> list[Message]: ...
 
 
 class Expert(Protocol):
     name: str
 
-    def propose(self, requests: list[StepRequest], k: int) -> list[list[Message]]: ...
+    def propose(self, requests: list[StepRequest], k: int, ctx=None) -> list[list[Message]]: ...
 
 
 class PRM(Protocol):
     name: str
 
-    def score(self, requests: list[ScoreRequest]) -> list[Score]: ...
+    def score(self, requests: list[ScoreRequest], ctx=None) -> list[Score]: ...
+
+
+# `ctx` is a cso_lib.llm_models.LedgerContext for provider-backed models (ledger hits, journal); the
+# simulated models make no requests and ignore it.
 
 
 # ---- the simulation world's models (SIMULATION: scripted, with known truth) -------------------------
@@ -68,7 +72,7 @@ class SimPolicy:
         self.world, self.error_rate, self.slip_rate = world, error_rate, slip_rate
         self.name = f"sim-policy(seed={world.seed},err={error_rate},slip={slip_rate})"
 
-    def act(self, requests: list[StepRequest]) -> list[Message]:
+    def act(self, requests: list[StepRequest], ctx=None) -> list[Message]:
         return [
             self.world.policy_action(self.world.task(r.task_id), r.state, r.key, self.error_rate, self.slip_rate)[0]
             for r in requests
@@ -82,7 +86,7 @@ class SimExpert:
         self.world, self.quality = world, quality
         self.name = f"sim-expert(seed={world.seed},quality={quality})"
 
-    def propose(self, requests: list[StepRequest], k: int) -> list[list[Message]]:
+    def propose(self, requests: list[StepRequest], k: int, ctx=None) -> list[list[Message]]:
         out = []
         for r in requests:
             task = self.world.task(r.task_id)
@@ -109,7 +113,7 @@ class SimPRM:
         self.world, self.noise = world, noise
         self.name = f"sim-prm(seed={world.seed},noise={noise})"
 
-    def score(self, requests: list[ScoreRequest]) -> list[Score]:
+    def score(self, requests: list[ScoreRequest], ctx=None) -> list[Score]:
         out = []
         for r in requests:
             kind = self.world.action_kind(self.world.task(r.task_id), r.state, r.action)
@@ -128,28 +132,35 @@ class Models:
     world: SimWorld | None
 
 
-def _check_provider(role: str, mc: ModelConfig) -> None:
-    if mc.provider != "sim":
-        raise ConfigError(
-            f"{role}.provider={mc.provider!r} is not available in this version: only 'sim' is wired so far "
-            "(real providers are tracked in the project's issues)"
-        )
-
-
 def build_models(cfg: Config) -> Models:
+    """The configured models; `sim` roles are the simulation world's, the others provider-backed."""
+    from cso_lib.llm_models import LLMPRM, LLMExpert, LLMPolicy
+
     for role in ("policy", "expert", "prm"):
-        _check_provider(role, getattr(cfg, role))
+        mc: ModelConfig = getattr(cfg, role)
+        if mc.provider in ("vllm", "transformers"):
+            raise ConfigError(
+                f"{role}.provider={mc.provider!r} is not available in this version (in-process engines are "
+                "tracked in the project's issues); use 'openai' with a `vllm serve` endpoint"
+            )
     world = SimWorld.from_config(cfg.sim)
+    share = 1.0 / cfg.tasks_at_once
     return Models(
-        policy=SimPolicy(world, cfg.sim.policy_error_rate, cfg.sim.policy_slip_rate),
-        expert=SimExpert(world, cfg.sim.expert_quality),
-        prm=SimPRM(world, cfg.sim.prm_noise),
+        policy=SimPolicy(world, cfg.sim.policy_error_rate, cfg.sim.policy_slip_rate)
+        if cfg.policy.provider == "sim" else LLMPolicy(cfg.policy, share),
+        expert=SimExpert(world, cfg.sim.expert_quality) if cfg.expert.provider == "sim" else LLMExpert(cfg.expert, share),
+        prm=SimPRM(world, cfg.sim.prm_noise) if cfg.prm.provider == "sim" else LLMPRM(cfg.prm, share),
         world=world,
     )
 
 
 @lru_cache(maxsize=4)
+def get_config(cfg_json: str) -> Config:
+    return Config.model_validate(json.loads(cfg_json))
+
+
+@lru_cache(maxsize=4)
 def get_models(cfg_json: str) -> Models:
     """Models for a serialized config, built once per Python worker and reused across tasks."""
-    return build_models(Config.model_validate(json.loads(cfg_json)))
+    return build_models(get_config(cfg_json))
 

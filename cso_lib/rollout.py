@@ -43,8 +43,11 @@ class Branch:
         self.continuation.extend(env.execute(self.task_id, self.state + self.continuation, action))
 
 
-def run_branches(branches: list[Branch], policy: Policy, envs: dict[str, Environment], budget: int) -> list[Branch]:
-    """Run every branch to an answer or to `budget` policy steps after the branch point."""
+def run_branches(branches: list[Branch], policy: Policy, envs: dict[str, Environment], budget: int,
+                 ctx=None) -> list[Branch]:
+    """Run every branch to an answer or to `budget` policy steps after the branch point.
+
+    `ctx` (a LedgerContext) journals a provider-backed policy's answers as they arrive."""
     for b in branches:
         b._take(b.alternative, envs[b.env])
     active = [b for b in branches if b.status == "running"]
@@ -54,7 +57,7 @@ def run_branches(branches: list[Branch], policy: Policy, envs: dict[str, Environ
                         b.state + b.continuation, b.tools, key=b.key)
             for b in active
         ]
-        for b, action in zip(active, policy.act(requests), strict=True):
+        for b, action in zip(active, policy.act(requests, ctx), strict=True):
             b.steps_after_branch += 1
             b._take(action, envs[b.env])
             if b.status == "running" and b.steps_after_branch >= budget:

@@ -183,6 +183,33 @@ RUNS = StructType(
     ]
 )
 
+# The request ledger, which is also the cache: one row per distinct request (hash of provider, model, params,
+# messages, tools, response format). A rerun sends only requests without an `ok` row.
+LLM_CALLS = StructType(
+    [
+        StructField("request_hash", StringType(), nullable=False),
+        StructField("provider", StringType(), nullable=False),
+        StructField("model", StringType(), nullable=False),
+        StructField("stage", StringType(), nullable=False),
+        StructField("role", StringType(), nullable=False),
+        StructField("status", StringType(), nullable=False),  # ok | error
+        StructField("choices", StringType(), nullable=True),  # JSON list of assistant messages
+        StructField("finish_reasons", StringType(), nullable=True),
+        StructField("input_tokens", LongType(), nullable=False),
+        StructField("cached_input_tokens", LongType(), nullable=False),
+        StructField("cache_write_tokens", LongType(), nullable=False),
+        StructField("output_tokens", LongType(), nullable=False),
+        StructField("cost_usd", DoubleType(), nullable=True),
+        StructField("latency_s", DoubleType(), nullable=False),
+        StructField("attempts", IntegerType(), nullable=False),
+        StructField("http_statuses", StringType(), nullable=True),
+        StructField("error", StringType(), nullable=True),
+        StructField("batch", BooleanType(), nullable=False),
+        StructField("run_id", StringType(), nullable=False),
+        StructField("created_at", TimestampType(), nullable=False),
+    ]
+)
+
 # Parquet dpo_pairs/: TRL conversational preference records + provenance.
 _FUNCTION = StructType(
     [StructField("name", StringType(), nullable=True), StructField("arguments", StringType(), nullable=True)]
@@ -237,6 +264,7 @@ KEYS = {
     "branch_rollouts": ["trajectory_id", "step_idx", "alt_idx", "rollout_idx", "policy_model"],
     "critical_steps": ["trajectory_id", "step_idx", "alt_idx", "verified"],
     "runs": ["run_id", "stage", "started_at"],
+    "llm_calls": ["request_hash"],
 }
 
 TABLES = {
@@ -250,4 +278,5 @@ TABLES = {
     "branch_rollouts": BRANCH_ROLLOUTS,
     "critical_steps": CRITICAL_STEPS,
     "runs": RUNS,
+    "llm_calls": LLM_CALLS,
 }

@@ -17,7 +17,7 @@ class CountingPolicy:
     def __init__(self):
         self.batches = []
 
-    def act(self, requests):
+    def act(self, requests, ctx=None):
         self.batches.append(len(requests))
         return [WORLD.policy_action(WORLD.task(r.task_id), r.state, r.key, 0.0, 0.0)[0] for r in requests]
 

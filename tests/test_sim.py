@@ -17,7 +17,7 @@ class QuietPolicy:
 
     name = "quiet"
 
-    def act(self, requests):
+    def act(self, requests, ctx=None):
         return [WORLD.policy_action(WORLD.task(r.task_id), r.state, r.key, 0.0, 0.0)[0] for r in requests]
 
 

@@ -19,7 +19,15 @@ from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.messages import state_at
 from cso_lib.models import build_models, get_models
-from cso_lib.stages.common import bundles, dumps, map_batches, parse_bundle, resolve_run_id, work_steps
+from cso_lib.stages.common import (
+    bundles,
+    dumps,
+    map_batches,
+    materialize,
+    parse_bundle,
+    resolve_run_id,
+    work_steps,
+)
 from schemas.tables import MESSAGES
 
 BUILT = StructType(
@@ -98,16 +106,14 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         built = map_batches(bundles(spark, cfg, run_id, todo_cols), lambda rows: pair_rows(cfg_json, rows), BUILT)
         traj = read_table(spark, cfg, "trajectories").select(
             "trajectory_id", "task_id", "env", "round", "policy_version", "n_steps", "tools")
-        rows = (
+        rows = materialize(
             todo.join(built, keys)
             .join(traj, "trajectory_id")
             .select("*", F.lit(None).cast("string").alias("error_category"), F.lit(run_id).alias("run_id"),
                     F.current_timestamp().alias("created_at"))
-            .persist()
         )
         stats["rows_out"] = rows.count()
         merge(spark, cfg, "critical_steps", rows)
-        rows.unpersist()
         stats["pairs_written"] = write_pairs(spark, cfg)
     return {"run_id": run_id, **stats}
 

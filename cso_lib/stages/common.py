@@ -10,7 +10,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
-from pyspark.sql.types import StructType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from cso_lib.config import Config
 from cso_lib.delta_io import read_table
@@ -40,7 +40,9 @@ def work_steps(spark: SparkSession, cfg: Config, run_id: str) -> DataFrame:
     return read_table(spark, cfg, "steps").join(ws, "trajectory_id", "left_semi")
 
 
-def bundles(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame) -> DataFrame:
+def bundles(
+    spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, extra: DataFrame | None = None
+) -> DataFrame:
     """One row per work-set trajectory that has rows in `todo` (keyed by trajectory_id).
 
     Columns: trajectory fields, `steps_json` (the trajectory's steps in order, as one JSON array) and
@@ -62,7 +64,10 @@ def bundles(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame) -> D
         "trajectory_id", "task_id", "env", "ground_truth", "tools", "preamble", "policy_version", "round",
         "n_steps")
     n = max(1, cfg.spark.shuffle_partitions)
-    return traj.join(steps, "trajectory_id").join(todo_g, "trajectory_id").repartition(n, "trajectory_id")
+    out = traj.join(steps, "trajectory_id").join(todo_g, "trajectory_id")
+    if extra is not None:
+        out = out.join(extra, "trajectory_id", "left")
+    return out.repartition(n, "trajectory_id")
 
 
 def parse_bundle(row: dict[str, Any]) -> tuple[list[Message], list[Step], list[dict] | None, list[dict]]:
@@ -91,5 +96,45 @@ def map_batches(
     return df.mapInArrow(run, schema)
 
 
+def materialize(df: DataFrame) -> DataFrame:
+    """Compute `df` once, now, and cut its lineage: rows that came from model calls are never recomputed by a
+    later action (a persisted DataFrame can be, e.g. when Delta's MERGE re-plans its source), so no request is
+    sent twice. A lost executor fails the stage instead; the rerun resumes from the ledger and the tables."""
+    return df.localCheckpoint(eager=True)
+
+
 def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+HASHES = StructType([StructField("trajectory_id", StringType(), False), StructField("request_hash", StringType(), False)])
+
+
+def ledger_cache(spark: SparkSession, cfg: Config, bundled: DataFrame,
+                 hash_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> DataFrame:
+    """The ledger join before dispatch: per trajectory, the `llm_calls` rows already answering its requests.
+
+    `hash_rows` builds a batch's requests exactly as the stage will and returns (trajectory_id,
+    request_hash) rows; nothing is sent. The result (trajectory_id, cached_json) goes to `bundles(extra=)`.
+    """
+    from cso_lib.ledger import answered
+
+    hashes = map_batches(bundled, hash_rows, HASHES)
+    hits = hashes.join(answered(spark, cfg).drop("run_id", "created_at"), "request_hash")
+    cols = [c for c in hits.columns if c != "trajectory_id"]
+    return hits.groupBy("trajectory_id").agg(F.to_json(F.collect_list(F.struct(*cols))).alias("cached_json"))
+
+
+def ledger_context(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, Any]]):
+    """The LedgerContext of one batch: its cached answers (from `ledger_cache`) and a journal."""
+    from cso_lib.ledger import Journal
+    from cso_lib.llm_models import LedgerContext
+    from cso_lib.models import get_config
+
+    cfg = get_config(cfg_json)
+    cached = {}
+    for row in rows:
+        for rec in orjson.loads(row.get("cached_json") or "[]"):
+            cached[rec["request_hash"]] = rec
+    return LedgerContext(stage=stage, run_id=run_id, cached=cached, journal=Journal(cfg.journal_path),
+                         prices=cfg.prices)

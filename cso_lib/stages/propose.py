@@ -13,9 +13,21 @@ from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
+from cso_lib.ledger import flush_journal
+from cso_lib.llm_models import LLMRole
 from cso_lib.messages import iter_states, signature
 from cso_lib.models import StepRequest, build_models, get_models
-from cso_lib.stages.common import bundles, dumps, map_batches, parse_bundle, resolve_run_id, work_steps
+from cso_lib.stages.common import (
+    bundles,
+    dumps,
+    ledger_cache,
+    ledger_context,
+    map_batches,
+    materialize,
+    parse_bundle,
+    resolve_run_id,
+    work_steps,
+)
 
 PROPOSED = StructType(
     [
@@ -28,8 +40,7 @@ PROPOSED = StructType(
 )
 
 
-def propose_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
-    expert = get_models(cfg_json).expert
+def _requests(rows: list[dict]) -> tuple[list[StepRequest], list[dict]]:
     requests, policy_actions = [], []
     for row in rows:
         preamble, steps, tools, todo = parse_bundle(row)
@@ -38,8 +49,27 @@ def propose_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
             if t in want:
                 requests.append(StepRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools))
                 policy_actions.append(steps[t][0])
+    return requests, policy_actions
+
+
+def hash_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
+    expert = get_models(cfg_json).expert
+    requests, _ = _requests(rows)
+    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
+            for r, hashes in zip(requests, expert.all_hashes(requests, k), strict=True) for h in hashes]
+
+
+def propose_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[dict]:
+    expert = get_models(cfg_json).expert
+    requests, policy_actions = _requests(rows)
+    ctx = ledger_context(cfg_json, "propose", run_id, rows) if isinstance(expert, LLMRole) else None
+    try:
+        proposals = expert.propose(requests, k, ctx)
+    finally:
+        if ctx is not None and ctx.journal is not None:
+            ctx.journal.close()
     out = []
-    for req, own, alts in zip(requests, policy_actions, expert.propose(requests, k), strict=True):
+    for req, own, alts in zip(requests, policy_actions, proposals, strict=True):
         kept = [a for a in alts if signature(a) != signature(own)]
         for j, action in enumerate(kept[:k]):
             out.append(
@@ -80,9 +110,16 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti")
         stats["rows_in"] = stats["steps_asked"] = todo.count()
         cfg_json, k = cfg.model_dump_json(), cfg.cso.k
-        out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: propose_rows(cfg_json, k, rows), PROPOSED)
-        out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()).persist()
-        stats["rows_out"] = out.count()
-        merge(spark, cfg, "expert_alternatives", out)
-        out.unpersist()
+        bundled = bundles(spark, cfg, run_id, todo)
+        if isinstance(models.expert, LLMRole):
+            stats["ledger_rows_recovered"] = flush_journal(spark, cfg)
+            cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, k, rows))
+            bundled = bundles(spark, cfg, run_id, todo, extra=cached)
+        out = map_batches(bundled, lambda rows: propose_rows(cfg_json, k, run_id, rows), PROPOSED)
+        try:
+            out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+            stats["rows_out"] = out.count()
+            merge(spark, cfg, "expert_alternatives", out)
+        finally:
+            stats["ledger_rows"] = flush_journal(spark, cfg)
     return {"run_id": run_id, **stats}

@@ -15,10 +15,21 @@ from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField,
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.envs import environment_for
+from cso_lib.ledger import flush_journal
+from cso_lib.llm_models import LLMRole
 from cso_lib.messages import state_at
 from cso_lib.models import build_models, get_models
 from cso_lib.rollout import Branch, run_branches
-from cso_lib.stages.common import bundles, dumps, map_batches, parse_bundle, resolve_run_id, work_steps
+from cso_lib.stages.common import (
+    bundles,
+    dumps,
+    ledger_context,
+    map_batches,
+    materialize,
+    parse_bundle,
+    resolve_run_id,
+    work_steps,
+)
 from cso_lib.verify import verify
 
 VERIFIER = "auto(exact|numeric|set)"
@@ -42,7 +53,7 @@ ROLLED = StructType(
 )
 
 
-def rollout_rows(cfg_json: str, budget: int, rows: list[dict]) -> list[dict]:
+def rollout_rows(cfg_json: str, budget: int, run_id: str, rows: list[dict]) -> list[dict]:
     models = get_models(cfg_json)
     branches, skipped, truths = [], [], {}
     envs = {}
@@ -62,7 +73,12 @@ def rollout_rows(cfg_json: str, budget: int, rows: list[dict]) -> list[dict]:
             branches.append(Branch(row["trajectory_id"], row["task_id"], row["env"], item["step_idx"], item["alt_idx"],
                                    item["rollout_idx"], state_at(preamble, steps, item["step_idx"]),
                                    orjson.loads(item["action"]), tools))
-    run_branches(branches, models.policy, envs, budget)
+    ctx = ledger_context(cfg_json, "rollouts", run_id, []) if isinstance(models.policy, LLMRole) else None
+    try:
+        run_branches(branches, models.policy, envs, budget, ctx)
+    finally:
+        if ctx is not None and ctx.journal is not None:
+            ctx.journal.close()
     out = []
     for b in branches:
         success, verdict = verify(b.answer, truths[b.trajectory_id])
@@ -94,11 +110,13 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             alts.select("trajectory_id", "step_idx", "alt_idx", "action"), ["trajectory_id", "step_idx", "alt_idx"])
         stats["rows_in"] = todo.count()
         cfg_json, budget = cfg.model_dump_json(), cfg.cso.max_steps_after_branch
-        out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: rollout_rows(cfg_json, budget, rows), ROLLED)
-        out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()).persist()
+        out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: rollout_rows(cfg_json, budget, run_id, rows),
+                          ROLLED)
+        out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
         stats["rows_out"] = out.count()
         stats["successes"] = out.where("success").count()
         stats["skipped"] = out.where(F.col("status") == "skipped").count()
         merge(spark, cfg, "branch_rollouts", out)
-        out.unpersist()
+        if isinstance(models.policy, LLMRole):
+            stats["ledger_rows"] = flush_journal(spark, cfg)
     return {"run_id": run_id, **stats}

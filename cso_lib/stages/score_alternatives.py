@@ -67,7 +67,7 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         scores = read_table(spark, cfg, "prm_scores").where(F.col("prm_model") == prm_name)
         todo = alts.join(scores.where(F.col("alt_idx") >= 0), ["trajectory_id", "step_idx", "alt_idx"], "left_anti")
         stats["rows_in"] = alts.count()
-        write_scores(spark, cfg, run_id, todo, stats)
+        write_scores(spark, cfg, run_id, todo, stats, "score_alternatives")
 
         scores = read_table(spark, cfg, "prm_scores").where(F.col("prm_model") == prm_name)
         policy_scores = scores.where(F.col("alt_idx") == -1).join(steps, ["trajectory_id", "step_idx"], "left_semi")

@@ -8,9 +8,20 @@ from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, 
 
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
+from cso_lib.ledger import flush_journal
+from cso_lib.llm_models import LLMRole
 from cso_lib.messages import iter_states
 from cso_lib.models import ScoreRequest, build_models, get_models
-from cso_lib.stages.common import bundles, map_batches, parse_bundle, resolve_run_id, work_steps
+from cso_lib.stages.common import (
+    bundles,
+    ledger_cache,
+    ledger_context,
+    map_batches,
+    materialize,
+    parse_bundle,
+    resolve_run_id,
+    work_steps,
+)
 
 SCORED = StructType(
     [
@@ -25,15 +36,11 @@ SCORED = StructType(
 )
 
 
-def score_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
-    """Score the todo actions of each bundle; todo rows carry step_idx, alt_idx and, for alternatives, action.
-
-    States are built incrementally per trajectory and the requests of a trajectory stay consecutive, so a
-    backend with prefix caching sees shared prefixes back to back.
-    """
+def _requests(rows: list[dict]) -> tuple[list[ScoreRequest], list[int]]:
+    """The PRM requests of a batch of bundles, trajectory by trajectory, steps in order (prefixes shared back
+    to back); todo rows carry step_idx, alt_idx and, for alternatives, the action."""
     import orjson
 
-    prm = get_models(cfg_json).prm
     requests: list[ScoreRequest] = []
     alt_idxs: list[int] = []
     for row in rows:
@@ -48,7 +55,25 @@ def score_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
                     ScoreRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools, action=action)
                 )
                 alt_idxs.append(item["alt_idx"])
-    scores = prm.score(requests)
+    return requests, alt_idxs
+
+
+def hash_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
+    prm = get_models(cfg_json).prm
+    requests, _ = _requests(rows)
+    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
+            for r, hashes in zip(requests, prm.all_hashes(requests), strict=True) for h in hashes]
+
+
+def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list[dict]:
+    prm = get_models(cfg_json).prm
+    requests, alt_idxs = _requests(rows)
+    ctx = ledger_context(cfg_json, stage, run_id, rows) if isinstance(prm, LLMRole) else None
+    try:
+        scores = prm.score(requests, ctx)
+    finally:
+        if ctx is not None and ctx.journal is not None:
+            ctx.journal.close()
     return [
         {
             "trajectory_id": r.trajectory_id,
@@ -63,14 +88,22 @@ def score_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
     ]
 
 
-def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict) -> None:
+def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict, stage: str) -> None:
     cfg_json = cfg.model_dump_json()
-    out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: score_rows(cfg_json, rows), SCORED)
-    out = out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()).persist()
-    stats["rows_out"] = out.count()  # model calls happen here, once; MERGE reuses the persisted rows
-    stats["unscored"] = out.where(F.col("status") != "ok").count()
-    merge(spark, cfg, "prm_scores", out)
-    out.unpersist()
+    bundled = bundles(spark, cfg, run_id, todo)
+    if isinstance(build_models(cfg).prm, LLMRole):
+        stats["ledger_rows_recovered"] = flush_journal(spark, cfg)  # answers a crashed run already paid for
+        cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
+        bundled = bundles(spark, cfg, run_id, todo, extra=cached)
+    out = map_batches(bundled, lambda rows: score_rows(cfg_json, stage, run_id, rows), SCORED)
+    try:
+        # the model calls happen here, exactly once; the MERGE reads the materialized rows
+        out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+        stats["rows_out"] = out.count()
+        stats["unscored"] = out.where(F.col("status") != "ok").count()
+        merge(spark, cfg, "prm_scores", out)
+    finally:
+        stats["ledger_rows"] = flush_journal(spark, cfg)
 
 
 def run(cfg: Config, spark: SparkSession) -> dict:
@@ -85,5 +118,5 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         steps = work_steps(spark, cfg, run_id).select("trajectory_id", "step_idx")
         todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti").withColumn("alt_idx", F.lit(-1))
         stats["rows_in"] = steps.count()
-        write_scores(spark, cfg, run_id, todo, stats)
+        write_scores(spark, cfg, run_id, todo, stats, "score_policy")
     return {"run_id": run_id, **stats}

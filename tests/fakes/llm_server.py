@@ -11,8 +11,8 @@ Endpoints: OpenAI `POST /v1/chat/completions` (also any `.../chat/completions`, 
 
 Answers are deterministic functions of the request:
 - JSON wanted (response_format, a forced tool, or "JSON" in the system prompt): with "score" in the system
-  prompt {"reasoning", "score" in [0, 1] from a hash}; with "alternatives" {"alternatives": [k items]}, k from
-  "<k> alternatives" (default 3); else {"echo", "id"}.
+  prompt {"reasoning", "score" in [0, 1] from a hash}; with "alternatives" {"alternatives": [k items]} in the
+  expert schema (each a `search` tool call), k from "<k> alternatives" (default 3); else {"echo", "id"}.
 - tools given and the last message is not a tool result: a call of the first tool, {"query": <hash>}.
 - else text "echo: <last text> [<hash>]".
 - usage: chars / 4; with a cache key (OpenAI `prompt_cache_key`, Anthropic `cache_control`) the prefix
@@ -96,14 +96,14 @@ def answer(system: str, messages: list[dict[str, Any]], json_wanted: bool, tool_
     low = system.lower()
     last = _text(messages[-1].get("content")) if messages else ""
     if json_wanted or "json" in low:
-        if "score" in low:
-            return "json", {"reasoning": f"judged {h8}", "score": round(int(h[8:16], 16) / 0xFFFFFFFF, 4)}
-        if "alternative" in low:
+        if '"alternatives"' in low:  # the expert prompt (it may mention scores too)
             m = re.search(r"(\d+)\s+alternative", low)
             k = int(m.group(1)) if m else 3
             return "json", {"alternatives": [
-                {"thought": f"alternative {j} {h8}", "tool": "lookup", "arguments": {"query": f"{h8}-{j}"}}
+                {"thought": f"alternative {j} {h8}", "tool_calls": [{"name": "search", "arguments": {"query": f"{h8}-{j}"}}]}
                 for j in range(k)]}
+        if "score" in low:
+            return "json", {"reasoning": f"judged {h8}", "score": round(int(h[8:16], 16) / 0xFFFFFFFF, 4)}
         return "json", {"echo": last[:100], "id": h8}
     if tool_names and not last_is_tool:
         return "tool", (tool_names[0], {"query": h8})
