@@ -249,13 +249,18 @@ def test_delta_table_of_raw_logs(spark, cfg_with, warehouse, tmp_path):
         ("log-a", orjson.dumps(chat(300)).decode()),
         ("log-b", "{broken"),
         ("log-c", orjson.dumps(native(301)).decode()),
+        ("log-d", orjson.dumps(native(301)).decode()),  # the same trajectory logged twice
     ]
     source = str(tmp_path / "raw_logs")
     spark.createDataFrame(rows, "log_id string, payload string").write.format("delta").save(source)
     cfg = cfg_with(f"ingest.source_table={source}", "ingest.raw_column=payload", "ingest.id_column=log_id")
     stats = ingest.run(cfg, spark)
-    assert (stats["read"], stats["new"], stats["quarantined"]) == (3, 2, 1)
-    row = spark.sql(f"SELECT * FROM delta.`{warehouse}/quarantine` WHERE source = '{source}'").first()
+    assert (stats["read"], stats["new"], stats["quarantined"], stats["duplicates"]) == (4, 2, 2, 1)
+    dup = spark.sql(f"SELECT count(*) n FROM delta.`{warehouse}/trajectories` WHERE trajectory_id = 'native-301'")
+    assert dup.first()["n"] == 1
+    row = spark.sql(
+        f"SELECT * FROM delta.`{warehouse}/quarantine` WHERE source = '{source}' AND locator = 'log_id=log-b'"
+    ).first()
     assert (row["locator"], row["raw"]) == ("log_id=log-b", "{broken")
     assert row["reason"].startswith("invalid JSON")
     located = spark.sql(

@@ -118,9 +118,10 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path):
     from cso_lib.stages import ingest, score_policy, select
 
     base, cfg_clean, _, _, _, _ = clean
-    with FakeLLMServer(log_path=str(tmp_path / "kill.log"), rpm=12, window_s=1.0) as srv:
+    with FakeLLMServer(log_path=str(tmp_path / "kill.log")) as srv:
         cfg = _cfg(base, srv.url, "killed")
         cfg.run_id = "killed-run"
+        cfg.prm.requests_per_minute = 360  # client-side pacing (3/s per task), so the stage lasts long enough
         ingest.run(cfg, spark)
         select.run(cfg, spark)
         path = tmp_path / "cfg.yaml"

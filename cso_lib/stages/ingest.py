@@ -375,8 +375,8 @@ def _load(spark: SparkSession, cfg: Config, run_id: str, staging: str) -> dict[s
         merge(spark, cfg, "quarantine", quarantine, stable_source=True)  # skipped when empty: ~2 s of Delta
 
     new = staged.filter(F.col("status") == "ok").join(
-        F.broadcast(verdicts.filter(F.col("verdict") == "new").select("source", "ordinal")),
-        ["source", "ordinal"],
+        F.broadcast(verdicts.filter(F.col("verdict") == "new").select("source", "ordinal", "locator")),
+        ["source", "ordinal", "locator"],  # ordinal alone is 0 for every row of a Delta source with an id column
         "left_semi",
     )
     steps = new.select("trajectory_id", F.explode("steps").alias("s")).select(
