@@ -32,21 +32,25 @@ def _cfg(config: str | None, overrides: list[str] | None, run_id: str | None = N
     return load_config(config, items)
 
 
-def _stage(name: str, cfg: Config) -> dict:
-    from cso_lib.spark import build_spark
-    from cso_lib.stages.pipeline import STAGES
-
-    spark = build_spark(cfg, name)
-    try:
-        return STAGES[name](cfg, spark)
-    finally:
-        spark.stop()
-
-
-def _guard(fn):
+def _with_spark(cfg: Config, name: str, fn):
+    """Run fn(cfg, spark) in a session named after the command, stopped afterwards; CSO errors exit 2."""
     setup_logging()
     try:
-        return fn()
+        from cso_lib.spark import build_spark
+
+        spark = build_spark(cfg, name)
+        try:
+            return fn(cfg, spark)
+        finally:
+            spark.stop()
+    except CSOError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+
+
+def _config(*args, **kw) -> Config:
+    try:
+        return _cfg(*args, **kw)
     except CSOError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
@@ -62,25 +66,19 @@ def run(
     skip_ingest: Annotated[bool, typer.Option(help="Mine what is already in the warehouse.")] = False,
 ) -> None:
     """Run the whole pipeline and print the summary."""
+    from cso_lib.stages import pipeline
 
-    def go():
-        from cso_lib.spark import build_spark
-        from cso_lib.stages import pipeline
-
-        cfg = _cfg(config, overrides, run_id, **{"cso.verify": "false" if no_verify else None, "cso.order": order})
-        spark = build_spark(cfg, "pipeline")
-        try:
-            result = pipeline.run(cfg, spark, skip_ingest=skip_ingest)
-        finally:
-            spark.stop()
-        typer.echo(f"summary written to {cfg.storage.warehouse}/_summaries/{result['summary']['run_id']}.json")
-
-    _guard(go)
+    cfg = _config(config, overrides, run_id, **{"cso.verify": "false" if no_verify else None, "cso.order": order})
+    result = _with_spark(cfg, "pipeline", lambda c, s: pipeline.run(c, s, skip_ingest=skip_ingest))
+    typer.echo(f"summary written to {cfg.storage.warehouse}/_summaries/{result['summary']['run_id']}.json")
 
 
 def _stage_command(name: str, help_text: str) -> None:
     def command(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
-        _guard(lambda: typer.echo(json.dumps(_stage(name, _cfg(config, overrides, run_id)), indent=2, default=str)))
+        from cso_lib.stages.pipeline import STAGES
+
+        result = _with_spark(_config(config, overrides, run_id), name, STAGES[name])
+        typer.echo(json.dumps(result, indent=2, default=str))
 
     command.__doc__ = help_text
     app.command(name=name.replace("_", "-"))(command)
@@ -101,37 +99,18 @@ for _name, _help in [
 @app.command()
 def baselines(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
     """Baseline datasets for A/B against CSO: Step-DPO, ETO-style trajectory pairs, RFT."""
+    from cso_lib.stages import baselines as bl
 
-    def go():
-        from cso_lib.spark import build_spark
-        from cso_lib.stages import baselines as bl
-
-        cfg = _cfg(config, overrides, run_id)
-        spark = build_spark(cfg, "baselines")
-        try:
-            typer.echo(json.dumps(bl.run(cfg, spark), indent=2, default=str))
-        finally:
-            spark.stop()
-
-    _guard(go)
+    result = _with_spark(_config(config, overrides, run_id), "baselines", bl.run)
+    typer.echo(json.dumps(result, indent=2, default=str))
 
 
 @app.command()
 def cost(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
     """Cost and tokens of the model calls by stage and model, and the projected cost of the remaining work."""
+    from cso_lib.stages import cost as cost_stage
 
-    def go():
-        from cso_lib.spark import build_spark
-        from cso_lib.stages import cost as cost_stage
-
-        cfg = _cfg(config, overrides, run_id)
-        spark = build_spark(cfg, "cost")
-        try:
-            cost_stage.render(cost_stage.report(cfg, spark))
-        finally:
-            spark.stop()
-
-    _guard(go)
+    cost_stage.render(_with_spark(_config(config, overrides, run_id), "cost", cost_stage.report))
 
 
 @app.command()
@@ -139,25 +118,15 @@ def simulate(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Write the simulation world's logs (native JSONL) to sim.logs_dir."""
     from cso_lib.stages import simulate as sim
 
-    _guard(lambda: typer.echo(json.dumps(sim.run(_cfg(config, overrides)), indent=2)))
+    typer.echo(json.dumps(sim.run(_config(config, overrides)), indent=2))
 
 
 @app.command()
 def summary(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
     """Print the summary of a run (default: the latest)."""
+    from cso_lib.stages import summary as summ
 
-    def go():
-        from cso_lib.spark import build_spark
-        from cso_lib.stages import summary as summ
-
-        cfg = _cfg(config, overrides, run_id)
-        spark = build_spark(cfg, "summary")
-        try:
-            summ.render(summ.compute(cfg, spark))
-        finally:
-            spark.stop()
-
-    _guard(go)
+    summ.render(_with_spark(_config(config, overrides, run_id), "summary", summ.compute))
 
 
 @app.command()
@@ -168,29 +137,22 @@ def sql(
     limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
 ) -> None:
     """Run Spark SQL over the warehouse (each Delta table is a temporary view of its name)."""
+    from rich.console import Console
+    from rich.table import Table
 
-    def go():
-        from rich.console import Console
-        from rich.table import Table
+    from cso_lib.delta_io import read_table
+    from schemas.tables import TABLES
 
-        from cso_lib.delta_io import read_table
-        from cso_lib.spark import build_spark
-        from schemas.tables import TABLES
+    def go(cfg, spark):
+        for name in TABLES:
+            read_table(spark, cfg, name).createOrReplaceTempView(name)
+        df = spark.sql(query)
+        table = Table(*df.columns)
+        for row in df.limit(limit).collect():
+            table.add_row(*[str(v) for v in row])
+        Console().print(table)
 
-        cfg = _cfg(config, overrides)
-        spark = build_spark(cfg, "sql")
-        try:
-            for name in TABLES:
-                read_table(spark, cfg, name).createOrReplaceTempView(name)
-            df = spark.sql(query)
-            table = Table(*df.columns)
-            for row in df.limit(limit).collect():
-                table.add_row(*[str(v) for v in row])
-            Console().print(table)
-        finally:
-            spark.stop()
-
-    _guard(go)
+    _with_spark(_config(config, overrides), "sql", go)
 
 
 if __name__ == "__main__":

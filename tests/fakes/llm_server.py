@@ -96,7 +96,7 @@ def answer(system: str, messages: list[dict[str, Any]], json_wanted: bool, tool_
     low = system.lower()
     last = _text(messages[-1].get("content")) if messages else ""
     if json_wanted or "json" in low:
-        if '"alternatives"' in low:  # the expert prompt (it may mention scores too)
+        if '"alternatives"' in low or ("alternative" in low and "score" not in low):  # expert prompts
             m = re.search(r"(\d+)\s+alternative", low)
             k = int(m.group(1)) if m else 3
             return "json", {"alternatives": [
