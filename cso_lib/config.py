@@ -44,6 +44,15 @@ class StorageConfig(_Section):
     pairs_dir: str | None = Field(None, description="Parquet output of DPO pairs (default <warehouse>/dpo_pairs).")
     staging_dir: str | None = Field(None, description="Scratch space for ingestion (default <warehouse>/_staging).")
 
+    @model_validator(mode="after")
+    def _absolute(self) -> StorageConfig:
+        """Local paths become absolute (Delta wants them so, and executors must not depend on a cwd)."""
+        for name in ("warehouse", "pairs_dir", "staging_dir"):
+            value = getattr(self, name)
+            if value and "://" not in value and not os.path.isabs(value):
+                object.__setattr__(self, name, os.path.abspath(value))
+        return self
+
     def table(self, name: str) -> str:
         return f"{self.warehouse.rstrip('/')}/{name}"
 
