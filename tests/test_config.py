@@ -44,3 +44,11 @@ def test_unreadable_file_is_a_config_error(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage.warehouse=rel/wh", "storage.pairs_dir=out/pairs"])
+    assert cfg.storage.warehouse == str(tmp_path / "rel" / "wh") and cfg.storage.pairs_path == str(tmp_path / "out" / "pairs")
+    assert cfg.journal_path == str(tmp_path / "rel" / "wh" / "_llm_journal")
+    assert load_config(None, ["storage.warehouse=s3a://bucket/wh"]).storage.table("steps") == "s3a://bucket/wh/steps"
