@@ -1,12 +1,16 @@
 """Provider-backed PRM and expert through the request ledger, against the fake OpenAI-compatible server on
 127.0.0.1: results, the ledger as cache (a rerun sends nothing), fault tolerance with bounded retries."""
 
+import json
+from pathlib import Path
+
 import pytest
 from pyspark.sql import functions as F
 
 from cso_lib.config import load_config
 from cso_lib.delta_io import read_table
 from cso_lib.stages import pipeline
+from schemas.tables import TABLES
 from tests.fakes.llm_server import FakeLLMServer
 
 pytestmark = pytest.mark.slow
@@ -104,9 +108,13 @@ def test_cost_report(spark, clean):
     assert left["requests"] > 0 and left["projected_cost_usd"] > 0 and left["projected_tokens"] > 0
 
 
-def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path):
+KEY = "sk-cso-test-7f3a9c1e5b2d4680aa11"
+
+
+def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path, monkeypatch):
     """kill -9 of the job while it scores; the rerun sends only what had not been answered, and the scores
-    equal those of the uninterrupted run."""
+    equal those of the uninterrupted run. The server demands an API key: it never reaches a log, a table, the
+    journal or the Spark event log."""
     import os
     import signal
     import subprocess
@@ -115,20 +123,27 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path):
 
     import yaml
 
-    from cso_lib.stages import ingest, score_policy, select
+    from cso_lib.stages import ingest, select
 
     base, cfg_clean, _, _, _, _ = clean
-    with FakeLLMServer(log_path=str(tmp_path / "kill.log")) as srv:
+    monkeypatch.setenv("CSO_TEST_KEY", KEY)
+    events = tmp_path / "events"
+    events.mkdir()
+    with FakeLLMServer(log_path=str(tmp_path / "kill.log"), api_key=KEY) as srv:
         cfg = _cfg(base, srv.url, "killed")
         cfg.run_id = "killed-run"
         cfg.prm.requests_per_minute = 360  # client-side pacing (3/s per task), so the stage lasts long enough
+        cfg.prm.api_key_env = "CSO_TEST_KEY"
+        cfg.spark.conf = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": str(events),
+                          "spark.eventLog.compress": "false"}
         ingest.run(cfg, spark)
         select.run(cfg, spark)
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+        out = open(tmp_path / "job.log", "wb")  # noqa: SIM115
         job = subprocess.Popen([sys.executable, "-m", "cso_lib.cli", "score-policy", "--config", str(path)],
-                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while sum(e["outcome"] == "ok" for e in srv.log) < 20 and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.2)
@@ -139,11 +154,31 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path):
         n_before = len(srv.log)
         assert 20 <= len(answered_before)
 
-        result = score_policy.run(cfg, spark)
+        # The rerun, as a scheduler would run it: the same command again (its executors get the key from
+        # their environment, as on a cluster with spark.executorEnv).
+        with open(tmp_path / "rerun.log", "wb") as out2:
+            subprocess.run([sys.executable, "-m", "cso_lib.cli", "score-policy", "--config", str(path)],
+                           env=env, stdout=out2, stderr=subprocess.STDOUT, timeout=400, check=True)
         after = srv.log[n_before:]
+        runs = read_table(spark, cfg, "runs").where("stage = 'score_policy' AND run_id = 'killed-run'")
+        result = json.loads(runs.orderBy(F.col("started_at").desc()).first()["details"])
     resent = {e["hash"] for e in after} & answered_before
     # Only requests in flight at the kill (answered by the server, not yet journaled) may go out again.
     assert len(resent) <= 2 * 8, resent
     assert result["ledger_rows_recovered"] >= len(answered_before) - len(resent)
     clean_policy = {k: v for k, v in _scores(spark, cfg_clean).items() if k[2] == -1}
     assert {k: v for k, v in _scores(spark, cfg).items() if k[2] == -1} == clean_policy
+    assert all(e["outcome"] == "ok" for e in srv.log)  # every request carried the key
+
+    # The key is nowhere: job output, Spark event log, journal, the config file, any table's text.
+    texts = [tmp_path / "job.log", tmp_path / "rerun.log", path, *events.rglob("*"), *Path(cfg.journal_path).rglob("*")]
+    assert any(p.is_file() and p.stat().st_size for p in events.rglob("*")), "no event log written"
+    for p in texts:
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+    for name in TABLES:
+        df = read_table(spark, cfg, name)
+        text_cols = [f.name for f in df.schema.fields if f.dataType.simpleString() == "string"]
+        if text_cols:
+            hit = df.where(F.concat_ws("|", *text_cols).contains(KEY)).count()
+            assert hit == 0, name
