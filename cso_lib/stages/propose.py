@@ -7,6 +7,8 @@ policy's own action (same tools and arguments) are dropped: they cannot make a p
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
@@ -17,6 +19,7 @@ from cso_lib.ledger import flush_journal
 from cso_lib.llm_models import LLMRole
 from cso_lib.messages import iter_states, signature
 from cso_lib.models import StepRequest, build_models, get_models
+from cso_lib.progress import StageProgress
 from cso_lib.stages.common import (
     bundles,
     dumps,
@@ -117,7 +120,9 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             bundled = bundles(spark, cfg, run_id, todo, extra=cached)
         out = map_batches(bundled, lambda rows: propose_rows(cfg_json, k, run_id, rows), PROPOSED)
         try:
-            out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+            with StageProgress(cfg.journal_path, "propose") if isinstance(models.expert, LLMRole) else nullcontext():
+                out = materialize(
+                    out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
             stats["rows_out"] = out.count()
             merge(spark, cfg, "expert_alternatives", out)
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
@@ -12,6 +14,7 @@ from cso_lib.ledger import flush_journal
 from cso_lib.llm_models import LLMRole
 from cso_lib.messages import iter_states
 from cso_lib.models import ScoreRequest, build_models, get_models
+from cso_lib.progress import StageProgress
 from cso_lib.stages.common import (
     bundles,
     ledger_cache,
@@ -91,14 +94,16 @@ def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list
 def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict, stage: str) -> None:
     cfg_json = cfg.model_dump_json()
     bundled = bundles(spark, cfg, run_id, todo)
-    if isinstance(build_models(cfg).prm, LLMRole):
+    if isinstance(build_models(cfg).prm, LLMRole):  # the join before dispatch
         stats["ledger_rows_recovered"] = flush_journal(spark, cfg)  # answers a crashed run already paid for
         cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
         bundled = bundles(spark, cfg, run_id, todo, extra=cached)
     out = map_batches(bundled, lambda rows: score_rows(cfg_json, stage, run_id, rows), SCORED)
+    llm = isinstance(build_models(cfg).prm, LLMRole)
     try:
         # the model calls happen here, exactly once; the MERGE reads the materialized rows
-        out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+        with StageProgress(cfg.journal_path, stage) if llm else nullcontext():
+            out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
         stats["rows_out"] = out.count()
         stats["unscored"] = out.where(F.col("status") != "ok").count()
         merge(spark, cfg, "prm_scores", out)
