@@ -79,9 +79,16 @@ def _conform(df: DataFrame, name: str) -> DataFrame:
     reraise=True,
 )
 def merge(
-    spark: SparkSession, cfg: Config, name: str, df: DataFrame, update: bool = False, stable_source: bool = False
+    spark: SparkSession,
+    cfg: Config,
+    name: str,
+    df: DataFrame,
+    update: bool = False,
+    stable_source: bool = False,
+    update_condition: str | None = None,
 ) -> None:
-    """MERGE rows into a table on its natural keys: insert new keys, and update existing ones if `update`.
+    """MERGE rows into a table on its natural keys: insert new keys, and update existing ones if `update`
+    (only where `update_condition` holds, when given; `t.` is the table, `s.` the new rows).
 
     Insert-only merges (the default) are what make every stage idempotent: a rerun adds nothing.
     Delta's concurrent-write conflicts are retried with jittered backoff. `stable_source=True` says the
@@ -91,7 +98,7 @@ def merge(
     cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in KEYS[name])
     builder = target.alias("t").merge(_conform(df, name).alias("s"), cond)
     if update:
-        builder = builder.whenMatchedUpdateAll()
+        builder = builder.whenMatchedUpdateAll(condition=update_condition)
     key = "spark.databricks.delta.merge.materializeSource"
     previous = spark.conf.get(key, "auto")
     if stable_source:

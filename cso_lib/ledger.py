@@ -19,13 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
 from cso_lib.config import Config
-from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, _conform, ensure_table, read_table
+from cso_lib.delta_io import merge, read_table
 from cso_lib.llm import ChatResult, cost_usd
 from schemas.tables import LLM_CALLS
 
@@ -110,16 +109,7 @@ def flush_journal(spark: SparkSession, cfg: Config) -> int:
     # One row per hash from the journal itself: an ok answer wins over errors of the same request.
     best = rows.orderBy(F.col("status") != "ok").dropDuplicates(["request_hash"]).persist()
     n = best.count()
-    target = DeltaTable.forPath(spark, ensure_table(spark, cfg, "llm_calls"))
-    for attempt in range(6):
-        try:
-            (target.alias("t").merge(_conform(best, "llm_calls").alias("s"), "t.request_hash = s.request_hash")
-             .whenMatchedUpdateAll(condition="t.status != 'ok' AND s.status = 'ok'")
-             .whenNotMatchedInsertAll().execute())
-            break
-        except CONCURRENT_WRITE_ERRORS:
-            if attempt == 5:
-                raise
+    merge(spark, cfg, "llm_calls", best, update=True, update_condition="t.status != 'ok' AND s.status = 'ok'")
     best.unpersist()
     for f in files:
         Path(f).unlink(missing_ok=True)

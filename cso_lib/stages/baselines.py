@@ -26,7 +26,7 @@ from cso_lib.config import Config
 from cso_lib.delta_io import new_run_id, read_table, stage_run
 from cso_lib.messages import Message, Step, to_struct
 from cso_lib.models import build_models
-from cso_lib.stages.common import map_batches, parse_bundle
+from cso_lib.stages.common import map_batches, parse_bundle, steps_json
 from schemas.tables import DPO_PAIRS, MESSAGES
 
 ETO = StructType(
@@ -84,14 +84,7 @@ def _steps(steps_json: str | None) -> list[Step]:
 def conversations(spark: SparkSession, cfg: Config) -> DataFrame:
     """The round's trajectories with their steps as one JSON array (`steps_json`), one row each."""
     traj = read_table(spark, cfg, "trajectories").where(F.col("round") == cfg.round).select(*_CONV)
-    steps = (
-        read_table(spark, cfg, "steps")
-        .join(traj.select("trajectory_id"), "trajectory_id", "left_semi")
-        .groupBy("trajectory_id")
-        .agg(F.to_json(F.array_sort(F.collect_list(F.struct("step_idx", "action", "observations")))).alias(
-            "steps_json"))
-    )
-    return traj.join(steps, "trajectory_id", "left")
+    return traj.join(steps_json(spark, cfg, traj), "trajectory_id", "left")
 
 
 # ---- Step-DPO ------------------------------------------------------------------------------------------

@@ -53,13 +53,7 @@ def bundles(
     todo_g = todo.groupBy("trajectory_id").agg(
         F.to_json(F.collect_list(F.struct(*todo_cols))).alias("todo_json")
     )
-    steps = (
-        read_table(spark, cfg, "steps")
-        .join(todo_g.select("trajectory_id"), "trajectory_id", "left_semi")
-        .groupBy("trajectory_id")
-        .agg(F.to_json(F.array_sort(F.collect_list(F.struct("step_idx", "action", "observations")))).alias(
-            "steps_json"))
-    )
+    steps = steps_json(spark, cfg, todo_g)
     traj = work_trajectories(spark, cfg, run_id).select(
         "trajectory_id", "task_id", "env", "ground_truth", "tools", "preamble", "policy_version", "round",
         "n_steps")
@@ -68,6 +62,17 @@ def bundles(
     if extra is not None:
         out = out.join(extra, "trajectory_id", "left")
     return out.repartition(n, "trajectory_id")
+
+
+def steps_json(spark: SparkSession, cfg: Config, trajectories: DataFrame) -> DataFrame:
+    """(trajectory_id, steps_json): the steps of the given trajectories in order, as one JSON array each."""
+    return (
+        read_table(spark, cfg, "steps")
+        .join(trajectories.select("trajectory_id"), "trajectory_id", "left_semi")
+        .groupBy("trajectory_id")
+        .agg(F.to_json(F.array_sort(F.collect_list(F.struct("step_idx", "action", "observations")))).alias(
+            "steps_json"))
+    )
 
 
 def parse_bundle(row: dict[str, Any]) -> tuple[list[Message], list[Step], list[dict] | None, list[dict]]:

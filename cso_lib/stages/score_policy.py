@@ -94,12 +94,12 @@ def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list
 def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict, stage: str) -> None:
     cfg_json = cfg.model_dump_json()
     bundled = bundles(spark, cfg, run_id, todo)
-    if isinstance(build_models(cfg).prm, LLMRole):  # the join before dispatch
+    llm = isinstance(build_models(cfg).prm, LLMRole)
+    if llm:  # the join before dispatch
         stats["ledger_rows_recovered"] = flush_journal(spark, cfg)  # answers a crashed run already paid for
         cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
         bundled = bundles(spark, cfg, run_id, todo, extra=cached)
     out = map_batches(bundled, lambda rows: score_rows(cfg_json, stage, run_id, rows), SCORED)
-    llm = isinstance(build_models(cfg).prm, LLMRole)
     try:
         # the model calls happen here, exactly once; the MERGE reads the materialized rows
         with StageProgress(cfg.journal_path, stage) if llm else nullcontext():
