@@ -6,8 +6,9 @@
 The log file is generated once by bench/gen_logs.py (seeded) into bench/data/ and reused. After a warm-up
 of both jobs on a small slice (so neither pays JVM/Python start-up), it measures:
 
-(a) `seconds`: cso's ingest stage into a fresh warehouse (parse + validate + convert every record, staging
-    Parquet, verdicts, MERGE into `quarantine`, `steps`, `trajectories`, the `runs` record), then selecting
+(a) `seconds`: cso's ingest stage into a fresh warehouse (parse + validate + convert every record, flat
+    staging persisted once, verdict checks, insert-only writes into `quarantine`, `steps`, `trajectories`,
+    the `runs` record), then selecting
     the failures: `trajectories` where outcome = 0 joined to their step counts in `steps`, counted.
 (b) `bare_spark_seconds`: the plain job as one would write it: spark.read.json (schema inferred), filter
     outcome = 0, posexplode the steps, write Parquet. No validation, no quarantine, no Delta, no idempotence.

@@ -64,12 +64,14 @@ def run(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Pairs straight from candidates (ablation).")] = False,
     order: Annotated[str | None, typer.Option(help="prm_first (default) or paper.")] = None,
     skip_ingest: Annotated[bool, typer.Option(help="Mine what is already in the warehouse.")] = False,
+    no_exports: Annotated[bool, typer.Option("--no-exports", help="Skip the export stage (data card, ...).")] = False,
 ) -> None:
     """Run the whole pipeline and print the summary."""
     from cso_lib.stages import pipeline
 
     cfg = _config(config, overrides, run_id, **{"cso.verify": "false" if no_verify else None, "cso.order": order})
-    result = _with_spark(cfg, "pipeline", lambda c, s: pipeline.run(c, s, skip_ingest=skip_ingest))
+    result = _with_spark(cfg, "pipeline", lambda c, s: pipeline.run(c, s, skip_ingest=skip_ingest,
+                                                                    exports=not no_exports))
     typer.echo(f"summary written to {cfg.storage.warehouse}/_summaries/{result['summary']['run_id']}.json")
 
 
@@ -92,8 +94,63 @@ for _name, _help in [
     ("score_alternatives", "PRM scores of alternatives, then candidate selection."),
     ("rollouts", "Branch rollouts with verification."),
     ("build_pairs", "Pairs into critical_steps and dpo_pairs/."),
+    ("taxonomy", "Error category of each verified critical step, from the judge model."),
 ]:
     _stage_command(_name, _help)
+
+
+@app.command()
+def export(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Data card, LLaMA-Factory file, step credit and PRM stepwise data of the round's pairs (`cso run` does it)."""
+    from cso_lib.stages import export as ex
+
+    result = _with_spark(_config(config, overrides, run_id), "export", ex.run)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def train(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """DPO on the round's pairs (TRL; no Spark). Multi-GPU: accelerate launch jobs/train_dpo.py (README)."""
+    from cso_lib.train import train as train_dpo
+
+    setup_logging()
+    try:
+        result = train_dpo(_config(config, overrides))
+    except CSOError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
+
+
+@app.command()
+def housekeeping(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Delta housekeeping: table properties, OPTIMIZE Z-ordered on analysts' columns, VACUUM (housekeeping.*)."""
+    from cso_lib.stages import housekeeping as hk
+
+    result = _with_spark(_config(config, overrides), "housekeeping", hk.run)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, overrides: SetOpt = None, run_id: RunOpt = None) -> None:
+    """Success rate of the configured policy on held-out simulation tasks (95% Wilson CI) into policy_evals."""
+    from cso_lib.stages import evaluate as ev
+
+    result = _with_spark(_config(config, overrides, run_id), "evaluate", ev.run)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def iterate(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to run (default iterate.rounds).")] = None,
+) -> None:
+    """CSO rounds: evaluate the policy, mine its failures, train (DPO), register the new version; repeat."""
+    from cso_lib.stages import iterate as it
+
+    result = _with_spark(_config(config, overrides), "iterate", lambda c, s: it.run(c, s, rounds))
+    typer.echo(json.dumps(result, indent=2, default=str))
 
 
 @app.command()

@@ -89,6 +89,11 @@ class SelectConfig(_Section):
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Seeded sample of the selected trajectories.")
     seed: int = Field(0, description="Seed of the sample.")
     limit: int | None = Field(None, ge=1, description="At most this many trajectories (lowest ids first).")
+    incremental: bool = Field(
+        False,
+        description="Only trajectories committed to `trajectories` since the last successful run (the Delta version "
+        "its select recorded in `runs`; read with Change Data Feed). A rerun of a run id reuses its recorded range.",
+    )
 
 
 class ModelConfig(_Section):
@@ -109,6 +114,27 @@ class ModelConfig(_Section):
     deadline_s: float = Field(900.0, gt=0, description="Give up on a request (all attempts) after this long.")
     concurrency: int = Field(16, ge=1, description="Requests in flight per Spark task.")
     parse_retries: int = Field(2, ge=0, description="New samples asked when a judge answer does not parse.")
+    batch: bool = Field(
+        False,
+        description="Offline stages (PRM, expert, judge) send the requests the ledger lacks through the provider's "
+        "batch API (OpenAI Batch, Anthropic Message Batches: half price, answers within 24 h), submitted from the "
+        "driver; batch ids are kept in the `llm_batches` table, so a rerun resumes polling instead of resubmitting.",
+    )
+    batch_max_requests: int = Field(10_000, ge=1, le=50_000, description="Requests per submitted batch at most.")
+    batch_poll_s: float = Field(60.0, gt=0, description="Seconds between polls of a submitted batch.")
+    batch_wait_s: float = Field(
+        86_400.0, gt=0, description="Wait at most this long for batches in one job; a rerun resumes polling them."
+    )
+    batch_resubmits: int = Field(
+        1, ge=0, le=5, description="Times an expired or failed batch request is submitted again before it is "
+        "recorded as an error."
+    )
+
+    @model_validator(mode="after")
+    def _batch_provider(self) -> ModelConfig:
+        if self.batch and self.provider not in ("openai", "anthropic"):
+            raise ValueError(f"batch=true needs provider 'openai' or 'anthropic', got provider={self.provider!r}")
+        return self
 
 
 class CSOConfig(_Section):
@@ -124,7 +150,23 @@ class CSOConfig(_Section):
         12, ge=1, description="Policy steps allowed after the branch point (counted from it, not from step 0)."
     )
     rollouts_per_alternative: int = Field(1, ge=1, description="Branch rollouts per high-scoring alternative.")
+    original_rollouts: int = Field(
+        0, ge=0,
+        description="Re-rollouts of the policy's ORIGINAL action a_t per candidate step (stored with alt_idx = -1), so "
+        "the flip (success rate of the alternative minus that of the original) is measured, not assumed. 0: off.",
+    )
+    verifier: Literal["rules", "judge", "rules_or_judge"] = Field(
+        "rules",
+        description="How a branch's final answer is checked: rules (normalised exact match, numeric tolerance, "
+        "list/set), judge (the LLM judge `verifier_model`, GAIA-style), or rules_or_judge (the judge decides only "
+        "answers the rules reject).",
+    )
     verify: bool = Field(True, description="False: pairs straight from candidates (the 'w/o verification' ablation).")
+    use_prm: bool = Field(
+        True,
+        description="False: the paper's 'w/o PRM' ablation: the thresholds are ignored, every step with an alternative "
+        "is a candidate and every alternative is rolled out, so verification alone decides (use with order=paper).",
+    )
 
     @model_validator(mode="after")
     def _thresholds(self) -> CSOConfig:
@@ -147,10 +189,139 @@ class SimConfig(_Section):
     prm_noise: float = Field(0.12, ge=0, le=1, description="Std-dev of the simulated PRM's Gaussian score noise.")
     logs_dir: str | None = Field(None, description="Where `cso simulate` writes logs (default <warehouse>/../sim_logs).")
     policy_version: str = Field("sim-policy-v0", description="Policy version written into the simulated logs.")
+    record_calls: bool = Field(
+        False,
+        description="Record the simulated expert's, PRM's and judge's requests in `llm_calls` as provider-backed "
+        "roles do: the real prompt's hash, tokens estimated as characters / 4, cost 0 (bench/call_savings.py). "
+        "Off by default: the simulation then writes no ledger rows.",
+    )
+
+
+class HousekeepingConfig(_Section):
+    tables: list[str] | None = Field(None, description="Tables to maintain (None: every table of the warehouse).")
+    optimize: bool = Field(True, description="OPTIMIZE (compact small files), Z-ordered where `zorder` says.")
+    zorder: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "trajectories": ["policy_version", "env"],
+            "steps": ["trajectory_id"],
+            "work_set": ["run_id"],
+            "prm_scores": ["trajectory_id", "step_idx"],
+            "expert_alternatives": ["trajectory_id", "step_idx"],
+            "critical_candidates": ["trajectory_id", "step_idx"],
+            "branch_rollouts": ["trajectory_id", "step_idx"],
+            "critical_steps": ["policy_version", "error_category"],
+            "llm_calls": ["request_hash"],
+        },
+        description="Z-order columns per table: the columns analysts and the stages filter and join on.",
+    )
+    vacuum: bool = Field(True, description="VACUUM files no longer referenced and older than the retention.")
+    retain_hours: float = Field(
+        168.0,
+        ge=0,
+        description="VACUUM retention. Keep it longer than the schedule interval: incremental runs read the "
+        "change feed since the last successful run, and time travel needs the files. Below 168 h needs "
+        "`allow_short_retention`.",
+    )
+    allow_short_retention: bool = Field(
+        False, description="Permit retain_hours < 168 (turns off Delta's retention-duration check; tests)."
+    )
+
+
+class RolloutsConfig(_Section):
+    """Where the branch-rollout stage runs: a GPU executor pool through Spark stage-level scheduling.
+
+    With `gpus_per_task` > 0 the stage's batch function runs under a ResourceProfile asking that many GPUs per
+    task (the other stages keep the default profile). With `executor_gpus` unset the profile holds task
+    requests only, which Spark schedules on the application's executors with dynamic allocation off: start
+    them with spark.executor.resource.gpu.amount and a discovery script (infra/gpu-discovery.sh). With
+    `executor_gpus` set the profile also asks for executors of its own (a separate GPU pool): that needs
+    dynamic allocation (spark.dynamicAllocation.enabled with shuffle tracking, YARN or Kubernetes).
+    """
+
+    gpus_per_task: float = Field(0, ge=0, description="GPUs per rollout task (0: no resource profile).")
+    cpus_per_task: int = Field(1, ge=1, description="CPU cores per rollout task under the profile.")
+    executor_gpus: int | None = Field(
+        None, ge=1, description="GPUs per executor of a separate rollout pool (needs dynamic allocation); None: "
+        "task requests only, on the application's executors."
+    )
+    executor_cores: int | None = Field(None, ge=1, description="Cores per executor of the separate pool.")
+    executor_memory: str | None = Field(None, description="Heap of an executor of the separate pool, e.g. '16g'.")
+    gpu_discovery_script: str | None = Field(
+        None, description="Discovery script of the separate pool's GPUs (e.g. infra/gpu-discovery.sh)."
+    )
+    web_site_seed: int = Field(0, description="Seed of the local web site that `web` trajectories browse.")
+    tool_threads: int = Field(8, ge=1, description="Tool calls of different branches run at once per task.")
+
+    @model_validator(mode="after")
+    def _pool(self) -> RolloutsConfig:
+        if self.executor_gpus is not None and not self.gpus_per_task:
+            raise ValueError(f"rollouts.executor_gpus={self.executor_gpus!r} needs rollouts.gpus_per_task > 0")
+        return self
 
 
 class TrainConfig(_Section):
+    """The DPO job (`cso train`, jobs/train_dpo.py): TRL's DPOTrainer on dpo_pairs/round=<round>."""
+
     beta: float = Field(0.5, gt=0, description="DPO beta (paper: 0.5).")
+    model: str | None = Field(
+        None, description="Policy to train: a local model folder or hub id (the previous round's policy). Required."
+    )
+    ref_model: str | None = Field(
+        None, description="Reference model; None: `model` itself, i.e. the previous round's policy (the paper's rule)."
+    )
+    pairs: list[str] = Field(
+        default_factory=list,
+        description="Parquet files or globs of pairs; empty: <storage.pairs_path>/round=<round>/*.parquet.",
+    )
+    output_dir: str | None = Field(None, description="Where the trained policy goes (default <warehouse>/_models/round=<round>).")
+    lora: bool = Field(False, description="LoRA (peft) instead of full fine-tuning; the adapter is merged on save.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts (peft syntax).")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (full fine-tuning; LoRA wants ~1e-5).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the pairs (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; None: from epochs.")
+    batch_size: int = Field(4, ge=1, description="Pairs per device per micro-batch.")
+    grad_accum: int = Field(4, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(4096, ge=16, description="Tokens of prompt + completion; longer pairs are truncated.")
+    max_truncated_share: float = Field(
+        0.05, ge=0, le=1, description="Refuse to train when more than this share of the pairs exceeds max_length."
+    )
+    report_to: Literal["none", "tensorboard", "mlflow"] = Field(
+        "tensorboard", description="Tracker for the metrics (they always go to the console and train_metrics.json)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every this many steps; None: only the final model.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; None: on when the GPU supports it.")
+    seed: int = Field(42, description="Seed of data order, dropout and LoRA init.")
+
+
+class EvalConfig(_Section):
+    """The evaluation job (`cso evaluate`): the policy's success rate on held-out simulation tasks."""
+
+    n_tasks: int = Field(100, ge=1, description="Held-out tasks evaluated.")
+    offset: int | None = Field(
+        None, ge=0, description="Index of the first held-out task; None: sim.n_tasks (after the tasks that are mined)."
+    )
+    max_steps: int = Field(16, ge=1, description="Policy steps per episode at most.")
+    policy_version: str | None = Field(
+        None, description="Version name recorded in policy_evals; None: sim.policy_version for the simulated "
+        "policy, the model folder's name otherwise."
+    )
+
+
+class IterateConfig(_Section):
+    """`cso iterate`: rounds of evaluate -> mine failures -> train -> register, each round's policy the next's
+    policy and reference."""
+
+    rounds: int = Field(2, ge=1, description="Rounds to run.")
+    initial_model: str | None = Field(
+        None, description="Policy of round 0 (a model folder); None: the tiny local model (cso_lib.tiny_model)."
+    )
+    mine_tasks: int = Field(200, ge=1, description="Simulation tasks the policy runs per round; failures are mined.")
+    models_dir: str | None = Field(None, description="Where each round's trained policy goes (default <warehouse>/_models).")
 
 
 class Config(_Section):
@@ -167,9 +338,19 @@ class Config(_Section):
     policy: ModelConfig = Field(default_factory=ModelConfig)
     expert: ModelConfig = Field(default_factory=ModelConfig)
     prm: ModelConfig = Field(default_factory=ModelConfig)
+    judge: ModelConfig | None = Field(
+        None, description="The error-taxonomy judge (`cso taxonomy`); None: the PRM's model (`prm`)."
+    )
+    verifier_model: ModelConfig | None = Field(
+        None, description="The LLM judge of branch answers (`cso.verifier` judge or rules_or_judge); an HTTP provider."
+    )
     cso: CSOConfig = Field(default_factory=CSOConfig)
+    rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
+    housekeeping: HousekeepingConfig = Field(default_factory=HousekeepingConfig)
     prices: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="USD per million tokens per model name: {model: {input, output, cached_input, cache_write}}.",

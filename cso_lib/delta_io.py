@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import delta.exceptions.captured  # noqa: F401 - installs the JVM -> Python conversion of Delta's conflicts
 from delta.exceptions import (
     ConcurrentAppendException,
     ConcurrentDeleteReadException,
@@ -24,6 +25,8 @@ from schemas.tables import KEYS, TABLES
 
 log = logging.getLogger("cso")
 
+# Delta raises these (as Python exceptions only once delta.exceptions.captured is imported: delta-spark 4.0.1
+# never imports it itself, and without it every conflict arrives as a bare Py4JJavaError and is not retried).
 CONCURRENT_WRITE_ERRORS = (
     ConcurrentAppendException,
     ConcurrentDeleteReadException,
@@ -109,38 +112,66 @@ def merge(
         spark.conf.set(key, previous)
 
 
+@retry(
+    retry=retry_if_exception_type(CONCURRENT_WRITE_ERRORS),
+    wait=wait_random_exponential(multiplier=0.5, max=10),
+    stop=stop_after_attempt(6),
+    reraise=True,
+)
+def insert_new(spark: SparkSession, cfg: Config, name: str, df: DataFrame) -> None:
+    """Append the rows whose keys the table lacks: an insert-only MERGE, written as an append of
+    `rows LEFT ANTI JOIN table` (cheaper: no MERGE machinery, and into an empty table the join is a broadcast
+    of nothing).
+
+    Not blind: the source reads the target inside the write's transaction, so Delta records that this commit
+    read the whole table (history: isBlindAppend = false). A concurrent commit that adds rows to the table
+    then makes this one fail with ConcurrentAppendException, and the retry joins against those rows; and a
+    concurrent MERGE or insert_new sees this commit's rows as a conflict in turn. (A plain append is blind,
+    and under Delta's default WriteSerializable isolation nobody conflicts with a blind append: two first
+    ingests of the same files would both commit every row.) Retried like `merge`.
+    """
+    path = ensure_table(spark, cfg, name)
+    keys = KEYS[name]
+    existing = spark.read.format("delta").load(path).select(*keys)
+    _conform(df, name).join(existing, keys, "left_anti").write.format("delta").mode("append").save(path)
+
+
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
 @contextmanager
 def stage_run(spark: SparkSession, cfg: Config, run_id: str, stage: str) -> Iterator[dict]:
-    """Names the stage in the Spark UI, logs and records (run id, stage, counts, duration) in `runs`."""
+    """Names the stage in the Spark UI (job group and description of every Spark job it starts), logs its
+    start, end or failure with run id, counts and duration, and records them in `runs` when it succeeds."""
     started = now()
     t0 = time.monotonic()
     stats: dict = {}
     sc = spark.sparkContext
+    props = ("spark.jobGroup.id", "spark.job.description")
+    previous = [sc.getLocalProperty(k) for k in props]
     sc.setJobGroup(f"cso-{stage}", f"cso {stage} run={run_id}")
     sc.setJobDescription(f"cso {stage} ({run_id})")
-    log.info("stage %s run %s: started", stage, run_id)
+    log.info("stage=%s run_id=%s started", stage, run_id)
     try:
         yield stats
+    except BaseException as e:
+        log.error("stage=%s run_id=%s failed after %.1f s: %s: %s", stage, run_id, time.monotonic() - t0,
+                  type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        raise
     finally:
-        sc.setJobDescription(None)
-    seconds = time.monotonic() - t0
-    log.info("stage %s run %s: %s in %.1f s", stage, run_id, stats, seconds)
-    row = [
-        (
-            run_id,
-            stage,
-            started,
-            now(),
-            seconds,
-            stats.get("rows_in"),
-            stats.get("rows_out"),
-            json.dumps(stats, default=str, sort_keys=True),
-        )
-    ]
+        for key, value in zip(props, previous, strict=True):
+            sc.setLocalProperty(key, value)
+    record_run(spark, cfg, run_id, stage, started, time.monotonic() - t0, stats)
+
+
+def record_run(spark: SparkSession, cfg: Config, run_id: str, stage: str, started: datetime, seconds: float,
+               stats: dict) -> None:
+    """Log one finished stage (run id, stage, rows in / out, seconds, details) and append it to `runs`."""
+    details = json.dumps(stats, default=str, sort_keys=True)
+    log.info("stage=%s run_id=%s rows_in=%s rows_out=%s seconds=%.1f details=%s", stage, run_id,
+             stats.get("rows_in"), stats.get("rows_out"), seconds, details)
+    row = [(run_id, stage, started, now(), seconds, stats.get("rows_in"), stats.get("rows_out"), details)]
     spark.createDataFrame(row, TABLES["runs"]).write.format("delta").mode("append").save(
         ensure_table(spark, cfg, "runs")
     )

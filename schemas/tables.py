@@ -83,6 +83,7 @@ PRM_SCORES = StructType(
         StructField("step_idx", IntegerType(), nullable=False),
         StructField("alt_idx", IntegerType(), nullable=False),
         StructField("prm_model", StringType(), nullable=False),
+        StructField("prompt_version", StringType(), nullable=False),  # the PRM template, e.g. prm-rubric/v1
         StructField("score", DoubleType(), nullable=True),  # null = unscored (see status)
         StructField("status", StringType(), nullable=False),  # ok | unscored
         StructField("reasoning", StringType(), nullable=True),
@@ -97,6 +98,7 @@ EXPERT_ALTERNATIVES = StructType(
         StructField("step_idx", IntegerType(), nullable=False),
         StructField("alt_idx", IntegerType(), nullable=False),
         StructField("expert_model", StringType(), nullable=False),
+        StructField("prompt_version", StringType(), nullable=False),  # the expert template
         StructField("action", StringType(), nullable=False),  # JSON: one assistant message
         StructField("run_id", StringType(), nullable=False),
         StructField("created_at", TimestampType(), nullable=False),
@@ -138,6 +140,8 @@ BRANCH_ROLLOUTS = StructType(
         StructField("success", BooleanType(), nullable=True),
         StructField("verifier", StringType(), nullable=False),
         StructField("verdict", StringType(), nullable=True),
+        # JSON: the Spark task's resources, e.g. {"cpus": 1, "gpu": ["0"]} under the GPU rollout profile
+        StructField("task_resources", StringType(), nullable=True),
         StructField("run_id", StringType(), nullable=False),
         StructField("created_at", TimestampType(), nullable=False),
     ]
@@ -158,12 +162,23 @@ CRITICAL_STEPS = StructType(
         StructField("verified", BooleanType(), nullable=False),
         StructField("rollouts", IntegerType(), nullable=False),
         StructField("successes", IntegerType(), nullable=False),
+        # re-rollouts of the original action (cso.original_rollouts; alt_idx -1 in branch_rollouts) and the flip:
+        # successes / rollouts of the alternative minus those of the original; null when not measured
+        StructField("original_rollouts", IntegerType(), nullable=True),
+        StructField("original_successes", IntegerType(), nullable=True),
+        StructField("flip", DoubleType(), nullable=True),
         StructField("verifier", StringType(), nullable=False),
         StructField("chosen", StringType(), nullable=False),  # JSON: assistant message
         StructField("rejected", StringType(), nullable=False),  # JSON: assistant message
         StructField("prompt", StringType(), nullable=False),  # JSON: messages up to s_t
         StructField("tools", StringType(), nullable=True),
+        # Error taxonomy (stage `taxonomy`, verified rows): a category of prompts.CATEGORIES, or null with
+        # taxonomy_status "unclassified" (the judge's answer did not parse); all null until classified.
         StructField("error_category", StringType(), nullable=True),
+        StructField("taxonomy_status", StringType(), nullable=True),  # ok | unclassified
+        StructField("taxonomy_reasoning", StringType(), nullable=True),
+        StructField("taxonomy_model", StringType(), nullable=True),
+        StructField("taxonomy_prompt_version", StringType(), nullable=True),
         StructField("sim_true_fix", BooleanType(), nullable=True),  # simulation only: ground truth of the pair
         StructField("run_id", StringType(), nullable=False),
         StructField("created_at", TimestampType(), nullable=False),
@@ -210,6 +225,28 @@ LLM_CALLS = StructType(
     ]
 )
 
+# Batch-API submissions (OpenAI Batch, Anthropic Message Batches): one row per provider batch, written the
+# moment it is submitted, so a restarted job resumes polling it instead of submitting again.
+LLM_BATCHES = StructType(
+    [
+        StructField("batch_id", StringType(), nullable=False),  # the provider's id
+        StructField("provider", StringType(), nullable=False),
+        StructField("model", StringType(), nullable=False),
+        StructField("stage", StringType(), nullable=False),
+        StructField("role", StringType(), nullable=False),
+        StructField("run_id", StringType(), nullable=False),
+        StructField("request_hashes", ArrayType(StringType(), containsNull=False), nullable=False),  # = custom_ids
+        StructField("n_requests", IntegerType(), nullable=False),
+        StructField("status", StringType(), nullable=False),  # submitted, then the provider's final word
+        StructField("collected", BooleanType(), nullable=False),  # results folded into llm_calls
+        StructField("n_ok", IntegerType(), nullable=True),
+        StructField("n_error", IntegerType(), nullable=True),  # refused for good (e.g. HTTP 400)
+        StructField("n_resubmit", IntegerType(), nullable=True),  # expired, cancelled, transient errors, missing
+        StructField("submitted_at", TimestampType(), nullable=False),
+        StructField("finished_at", TimestampType(), nullable=True),
+    ]
+)
+
 # Parquet dpo_pairs/: TRL conversational preference records + provenance.
 _FUNCTION = StructType(
     [StructField("name", StringType(), nullable=True), StructField("arguments", StringType(), nullable=True)]
@@ -252,6 +289,51 @@ DPO_PAIRS = StructType(
     ]
 )
 
+# `cso evaluate`: one row per (policy version, task set): success rate with its 95% Wilson interval.
+POLICY_EVALS = StructType(
+    [
+        StructField("policy_version", StringType(), nullable=False),
+        StructField("task_set", StringType(), nullable=False),  # e.g. sim(seed=7)[500:600]
+        StructField("policy_model", StringType(), nullable=False),  # the backend's name for the policy
+        StructField("round", IntegerType(), nullable=False),
+        StructField("n_tasks", IntegerType(), nullable=False),
+        StructField("successes", IntegerType(), nullable=False),
+        StructField("success_rate", DoubleType(), nullable=False),
+        StructField("ci_low", DoubleType(), nullable=False),
+        StructField("ci_high", DoubleType(), nullable=False),
+        StructField("ci_method", StringType(), nullable=False),  # wilson-95
+        StructField("answered", IntegerType(), nullable=False),
+        StructField("budget_exhausted", IntegerType(), nullable=False),
+        StructField("mean_steps", DoubleType(), nullable=False),
+        StructField("max_steps", IntegerType(), nullable=False),
+        StructField("episodes_path", StringType(), nullable=True),  # JSONL logs of the episodes (input format)
+        StructField("run_id", StringType(), nullable=False),
+        StructField("created_at", TimestampType(), nullable=False),
+    ]
+)
+
+# `cso iterate`: the policy of each round. Round r's policy is trained from version r-1 (its reference model).
+POLICY_VERSIONS = StructType(
+    [
+        StructField("policy_version", StringType(), nullable=False),
+        StructField("round", IntegerType(), nullable=False),  # the round whose pairs trained it (-1: the initial)
+        StructField("model_path", StringType(), nullable=False),
+        StructField("parent_version", StringType(), nullable=True),  # policy and reference model it was trained from
+        StructField("pairs", IntegerType(), nullable=False),
+        StructField("train_steps", IntegerType(), nullable=False),
+        StructField("train_loss", DoubleType(), nullable=True),
+        StructField("first_loss", DoubleType(), nullable=True),
+        StructField("last_loss", DoubleType(), nullable=True),
+        StructField("last_reward_margin", DoubleType(), nullable=True),
+        StructField("beta", DoubleType(), nullable=True),
+        StructField("lora", BooleanType(), nullable=False),
+        StructField("status", StringType(), nullable=False),  # initial | trained | unchanged (no pairs)
+        StructField("details", StringType(), nullable=True),  # JSON: the training summary
+        StructField("run_id", StringType(), nullable=False),
+        StructField("created_at", TimestampType(), nullable=False),
+    ]
+)
+
 # Natural keys: every stage MERGEs on these, which is what makes reruns add nothing.
 KEYS = {
     "trajectories": ["trajectory_id"],
@@ -265,6 +347,9 @@ KEYS = {
     "critical_steps": ["trajectory_id", "step_idx", "alt_idx", "verified"],
     "runs": ["run_id", "stage", "started_at"],
     "llm_calls": ["request_hash"],
+    "policy_evals": ["policy_version", "task_set", "policy_model"],
+    "policy_versions": ["policy_version"],
+    "llm_batches": ["batch_id"],
 }
 
 TABLES = {
@@ -279,4 +364,7 @@ TABLES = {
     "critical_steps": CRITICAL_STEPS,
     "runs": RUNS,
     "llm_calls": LLM_CALLS,
+    "policy_evals": POLICY_EVALS,
+    "policy_versions": POLICY_VERSIONS,
+    "llm_batches": LLM_BATCHES,
 }

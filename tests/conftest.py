@@ -57,3 +57,11 @@ def assert_df_equal(actual, expected, **kw):
     from pyspark.testing import assertDataFrameEqual
 
     assertDataFrameEqual(actual, expected, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The tiny local chat model (cso_lib.tiny_model), built once into .cache/models and reused."""
+    from cso_lib.tiny_model import default_tiny_model_dir, ensure_tiny_model
+
+    return ensure_tiny_model(default_tiny_model_dir())

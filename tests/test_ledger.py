@@ -56,8 +56,9 @@ def test_llm_stages_write_scores_alternatives_and_ledger(spark, clean):
     # their prompt-cache key, so identical requests of two trajectories are one row here, two bodies there)
     assert max(sends.values()) == 1 and 0 < ok.count() == calls.count() <= len(sends)
     assert calls.where("input_tokens <= 0 OR output_tokens <= 0 OR cost_usd IS NULL").count() == 0
+    judged = {"taxonomy"} if result["summary"]["pairs"] else set()  # the judge (the PRM's model) classifies pairs
     assert {r["stage"] for r in calls.select("stage").distinct().collect()} == {
-        "score_policy", "propose", "score_alternatives"}
+        "score_policy", "propose", "score_alternatives", *judged}
     names = {r["prm_model"] for r in read_table(spark, cfg, "prm_scores").select("prm_model").distinct().collect()}
     assert names == {"openai:judge-1|prm-rubric/v1"}  # the stored score names the prompt version
     scores = read_table(spark, cfg, "prm_scores")
@@ -88,12 +89,13 @@ def test_twenty_percent_faults_same_results_bounded_retries(spark, clean):
 def test_cost_report(spark, clean):
     from cso_lib.stages import cost
 
-    _, cfg, _, _, _, _ = clean
+    _, cfg, result, _, _, _ = clean
     rep = cost.report(cfg, spark)
     calls = read_table(spark, cfg, "llm_calls")
     assert sum(r["calls"] for r in rep["spent"]) == calls.count()
     assert abs(sum(r["cost_usd"] for r in rep["spent"]) - calls.agg(F.sum("cost_usd")).first()[0]) < 1e-9
-    assert {r["stage"] for r in rep["spent"]} == {"score_policy", "propose", "score_alternatives"}
+    judged = {"taxonomy"} if result["summary"]["pairs"] else set()
+    assert {r["stage"] for r in rep["spent"]} == {"score_policy", "propose", "score_alternatives", *judged}
     # everything of the latest run is done: nothing left to pay for
     assert all(r["requests"] == 0 for r in rep["remaining"].values())
     # a new run over more trajectories would cost the average per call times what is missing

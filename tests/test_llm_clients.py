@@ -92,6 +92,25 @@ def test_result_record_round_trip():
 
 
 # ---- pure: OpenAI wire format -----------------------------------------------------------------------------
+def test_prompt_template_response_formats_reach_the_wire_as_valid_schemas():
+    """The prompt templates give OpenAI's json_schema wrapper; it must not be wrapped twice (vLLM answered
+    400 to that), and Anthropic's forced tool gets the schema inside it. The fake server refuses such bodies."""
+    from fakes.llm_server import invalid_request
+
+    from cso_lib.prompts import PRM
+
+    wrapped = PRM.response_format()
+    req = ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], response_format=wrapped)
+    fmt = openai_body(req)["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == wrapped["json_schema"]["schema"]
+    assert fmt["json_schema"]["schema"]["type"] == "object" and invalid_request(openai_body(req), False) is None
+    body = anthropic_body(req)
+    assert body["tools"][-1]["input_schema"] == wrapped["json_schema"]["schema"]
+    assert invalid_request(body, True) is None
+    double = {"type": "json_schema", "json_schema": {"name": "r", "schema": wrapped, "strict": True}}
+    assert "not a JSON schema" in invalid_request({"response_format": double}, False)
+
+
 def test_openai_body_and_response():
     req = ChatRequest(model="m", messages=TRAJ, tools=TOOLS, params={"n": 3, "temperature": 0.7, "seed": 1},
                       response_format=SCORE_SCHEMA, cache_key="traj-1")

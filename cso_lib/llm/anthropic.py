@@ -30,7 +30,7 @@ from typing import Any
 
 from cso_lib.errors import LLMRequestError, LLMResponseError
 from cso_lib.llm.http import HTTPClient, Reply
-from cso_lib.llm.types import ChatRequest, ChatResult, Message, Usage
+from cso_lib.llm.types import ChatRequest, ChatResult, Message, Usage, schema_of
 
 ANTHROPIC_VERSION = "2023-06-01"
 OUTPUT_TOOL = "structured_output"  # the forced tool of structured output; its input is the answer
@@ -137,11 +137,12 @@ def to_anthropic_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any
 
 def _output_tool(response_format: Any) -> dict[str, Any]:
     """The forced tool whose input is the structured answer (a non-object schema is wrapped in "value")."""
-    if response_format == "json" or response_format.get("type") == "object":
-        name, schema = OUTPUT_TOOL, {"type": "object"} if response_format == "json" else response_format
+    value_schema = {"type": "object"} if response_format == "json" else schema_of(response_format)[1]
+    if value_schema.get("type") == "object":
+        name, schema = OUTPUT_TOOL, value_schema
     else:
         name = OUTPUT_TOOL_WRAPPED
-        schema = {"type": "object", "properties": {"value": response_format}, "required": ["value"]}
+        schema = {"type": "object", "properties": {"value": value_schema}, "required": ["value"]}
     return {"name": name, "description": "Give the answer as JSON in this tool's input.", "input_schema": schema}
 
 

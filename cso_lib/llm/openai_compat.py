@@ -19,7 +19,7 @@ from typing import Any
 
 from cso_lib.errors import LLMResponseError
 from cso_lib.llm.http import HTTPClient, Reply
-from cso_lib.llm.types import ChatRequest, ChatResult, Usage
+from cso_lib.llm.types import ChatRequest, ChatResult, Usage, schema_of
 
 
 def openai_response_format(response_format: Any) -> dict[str, Any] | None:
@@ -27,8 +27,8 @@ def openai_response_format(response_format: Any) -> dict[str, Any] | None:
         return None
     if response_format == "json":
         return {"type": "json_object"}
-    name = str(response_format.get("title") or "response")
-    return {"type": "json_schema", "json_schema": {"name": name[:64], "schema": response_format, "strict": True}}
+    name, schema, strict = schema_of(response_format)
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
 
 
 def openai_body(req: ChatRequest, *, send_cache_key: bool = True) -> dict[str, Any]:

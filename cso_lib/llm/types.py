@@ -62,6 +62,22 @@ def request_hash(
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 
+def schema_of(response_format: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(name, JSON schema, strict) of a structured response format: a bare JSON schema, or one already in
+    OpenAI's wrapper {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (as the prompt
+    templates give it).
+
+    >>> schema_of({"type": "object", "title": "Score"})
+    ('Score', {'type': 'object', 'title': 'Score'}, True)
+    >>> schema_of({"type": "json_schema", "json_schema": {"name": "prm", "schema": {"type": "object"}, "strict": False}})
+    ('prm', {'type': 'object'}, False)
+    """
+    if response_format.get("type") == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        inner = response_format["json_schema"]
+        return str(inner.get("name") or "response")[:64], inner.get("schema") or {}, bool(inner.get("strict", True))
+    return str(response_format.get("title") or "response")[:64], response_format, True
+
+
 @dataclass
 class ChatRequest:
     """One chat call, provider-neutral (OpenAI chat format)."""
@@ -70,7 +86,7 @@ class ChatRequest:
     messages: list[Message]
     tools: list[dict[str, Any]] | None = None  # OpenAI tool specs: {"type": "function", "function": {...}}
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, n, seed, stop, ...
-    response_format: ResponseFormat = None  # None, "json" (any JSON object) or a JSON schema (structured)
+    response_format: ResponseFormat = None  # None, "json" (any JSON object) or a JSON schema (see schema_of)
     cache_key: str | None = None  # stable key of the shared trajectory prefix (prompt caching)
     metadata: dict[str, Any] = field(default_factory=dict)  # the caller's own; never sent, never hashed
 

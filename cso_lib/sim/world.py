@@ -46,6 +46,7 @@ ERROR_CATEGORY = {
     "premature_answer": "task_understanding",
     "slip": "tool_invocation",
     "give_up": "other",
+    "carried_error": "other",  # right by the history, wrong because of an earlier mistake
 }
 # Simulated PRM: mean score per kind of action (the "truth"); Gaussian noise is added.
 PRM_MEAN = {"correct": 0.8, "doomed": 0.6, "plausible": 0.5, "slip": 0.3, "obvious": 0.2}
@@ -432,6 +433,41 @@ class SimWorld:
             if canonical(variant) == canonical(action):
                 return "plausible" if kind in PLAUSIBLE else "obvious"
         return "obvious"
+
+    def error_kind(self, task: Task, state: list[Message], action: Message) -> str | None:
+        """Which scripted error (a key of ERROR_CATEGORY) `action` is at `state`, or None if it is right.
+
+        Read off the world's truth the way the scripted policy makes its errors, against what the history
+        says so far (its belief): a malformed lookup is a slip, an answer after a failed lookup is giving
+        up, another attribute than the next one asked for is a skipped hop or a wrong attribute, the right
+        attribute of another entity is a distractor (first hop, from the search results) or a made-up
+        entity, an answer before the chain is done is premature, a wrong value at the end is a wrong answer
+        value. An action that follows the history faithfully but is wrong because of an earlier mistake is
+        `carried_error`; anything else is `other`.
+        """
+        if self.is_correct(task, state, action):
+            return None
+        calls = tool_calls(action)
+        name, args = (calls[0][0], calls[0][1]) if calls else (None, None)
+        if name == "lookup" and (args is None or not all(args.get(a) for a in ("entity_id", "attribute"))):
+            return "slip"
+        b = self.belief(task, state)
+        if name == FINAL_ANSWER_TOOL and b.failed:
+            return "give_up"
+        if not b.searched or name not in ("lookup", FINAL_ANSWER_TOOL):
+            return "other"
+        quiet = self.policy_action(task, state, "belief", 0.0, 0.0)[0]
+        if canonical(quiet) == canonical(action):
+            return "carried_error"
+        hop = b.hop if b.entity is not None else 0
+        right = task.plan[hop] if hop < len(task.plan) else None
+        if name == FINAL_ANSWER_TOOL:
+            return "premature_answer" if right is not None else "wrong_answer_value"
+        if right is None:
+            return "other"  # looking further once the chain is done
+        if args["attribute"] != right:
+            return "skip_hop" if args["attribute"] in task.plan else "wrong_attribute"
+        return "distractor_entity" if hop == 0 else "made_up_entity"
 
     def is_critical(self, task: Task, state: list[Message], action: Message) -> bool:
         """A true critical step: a real mistake made while still on track (not a slip, not a carried error)."""

@@ -30,6 +30,10 @@ from cso_lib.stages.common import (
 )
 from schemas.tables import MESSAGES
 
+# Filled later by the `taxonomy` stage (verified rows only).
+TAXONOMY_COLUMNS = ("error_category", "taxonomy_status", "taxonomy_reasoning", "taxonomy_model",
+                    "taxonomy_prompt_version")
+
 BUILT = StructType(
     [
         StructField("trajectory_id", StringType(), False),
@@ -76,21 +80,32 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         )
         keys = ["trajectory_id", "step_idx", "alt_idx"]
         if cfg.cso.verify:
-            from cso_lib.stages.rollouts import VERIFIER
-
-            picked = (
+            counted = (
                 read_table(spark, cfg, "branch_rollouts")
-                .where((F.col("policy_model") == models.policy.name) & (F.col("status") != "skipped"))
+                .where((F.col("policy_model") == models.policy.name) & ~F.col("status").isin("skipped", "error"))
                 .join(cands.select("trajectory_id", "step_idx"), ["trajectory_id", "step_idx"], "left_semi")
                 .groupBy(*keys)
-                .agg(F.count("*").alias("rollouts"), F.sum(F.col("success").cast("int")).alias("successes"))
-                .where(F.col("successes") > 0)
-                .select(*keys, "rollouts", "successes", F.lit(True).alias("verified"), F.lit(VERIFIER).alias("verifier"))
+                .agg(F.count("*").alias("rollouts"), F.sum(F.col("success").cast("int")).alias("successes"),
+                     F.array_join(F.array_sort(F.collect_set("verifier")), "+").alias("verifier"))
+            )
+            # alt_idx -1: re-rollouts of the original action (cso.original_rollouts); flip = rate(alt) - rate(orig)
+            original = counted.where(F.col("alt_idx") == -1).select(
+                "trajectory_id", "step_idx", F.col("rollouts").alias("original_rollouts"),
+                F.col("successes").alias("original_successes"))
+            picked = (
+                counted.where((F.col("alt_idx") >= 0) & (F.col("successes") > 0))
+                .join(original, ["trajectory_id", "step_idx"], "left")
+                .select(*keys, "rollouts", "successes", "original_rollouts", "original_successes",
+                        (F.col("successes") / F.col("rollouts")
+                         - F.col("original_successes") / F.col("original_rollouts")).alias("flip"),
+                        F.lit(True).alias("verified"), "verifier")
             )
         else:
             picked = cands.select("trajectory_id", "step_idx", F.explode("high_alt_idxs").alias("alt_idx")).select(
-                *keys, F.lit(0).alias("rollouts"), F.lit(0).alias("successes"), F.lit(False).alias("verified"),
-                F.lit("none").alias("verifier"))
+                *keys, F.lit(0).alias("rollouts"), F.lit(0).alias("successes"),
+                *[F.lit(None).cast(t).alias(c) for c, t in (("original_rollouts", "int"),
+                                                             ("original_successes", "int"), ("flip", "double"))],
+                F.lit(False).alias("verified"), F.lit("none").alias("verifier"))
         alts = read_table(spark, cfg, "expert_alternatives").where(F.col("expert_model") == models.expert.name)
         scores = read_table(spark, cfg, "prm_scores").where(F.col("prm_model") == models.prm.name)
         done = read_table(spark, cfg, "critical_steps").where(F.col("verified") == cfg.cso.verify).select(*keys)
@@ -109,7 +124,7 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         rows = materialize(
             todo.join(built, keys)
             .join(traj, "trajectory_id")
-            .select("*", F.lit(None).cast("string").alias("error_category"), F.lit(run_id).alias("run_id"),
+            .select("*", *[F.lit(None).cast("string").alias(c) for c in TAXONOMY_COLUMNS], F.lit(run_id).alias("run_id"),
                     F.current_timestamp().alias("created_at"))
         )
         stats["rows_out"] = rows.count()

@@ -83,9 +83,10 @@ def parse_bundle(row: dict[str, Any]) -> tuple[list[Message], list[Step], list[d
 
 
 def map_batches(
-    df: DataFrame, fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema: StructType
+    df: DataFrame, fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], schema: StructType, profile=None
 ) -> DataFrame:
-    """Apply `fn` (rows of one Arrow batch -> output rows) on executors with mapInArrow."""
+    """Apply `fn` (rows of one Arrow batch -> output rows) on executors with mapInArrow; `profile` (a Spark
+    ResourceProfile) runs it with stage-level scheduling, e.g. on GPU executors."""
     arrow_schema = to_arrow_schema(schema)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -98,7 +99,7 @@ def map_batches(
         if pending:
             yield pa.RecordBatch.from_pylist(fn(pending), schema=arrow_schema)
 
-    return df.mapInArrow(run, schema)
+    return df.mapInArrow(run, schema, profile=profile)
 
 
 def materialize(df: DataFrame) -> DataFrame:
@@ -130,8 +131,10 @@ def ledger_cache(spark: SparkSession, cfg: Config, bundled: DataFrame,
     return hits.groupBy("trajectory_id").agg(F.to_json(F.collect_list(F.struct(*cols))).alias("cached_json"))
 
 
-def ledger_context(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, Any]]):
-    """The LedgerContext of one batch: its cached answers (from `ledger_cache`) and a journal."""
+def ledger_context(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, Any]], defer: bool = False):
+    """The LedgerContext of one batch: its cached answers (from `ledger_cache`) and a journal.
+
+    `defer=True` (batch mode, `cso_lib.batch_mode`): cache misses are collected, never sent."""
     from cso_lib.ledger import Journal
     from cso_lib.llm_models import LedgerContext
     from cso_lib.models import get_config
@@ -142,4 +145,4 @@ def ledger_context(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, 
         for rec in orjson.loads(row.get("cached_json") or "[]"):
             cached[rec["request_hash"]] = rec
     return LedgerContext(stage=stage, run_id=run_id, cached=cached, journal=Journal(cfg.journal_path),
-                         prices=cfg.prices)
+                         prices=cfg.prices, defer=defer)

@@ -2,7 +2,8 @@
 
 Spent: sums over the `llm_calls` ledger (every distinct request once; cached tokens shown apart). Remaining:
 the work each model stage still has for the run (the same anti-joins the stages use), times that stage's
-average cost and tokens per call so far; no average yet means no projection, never a guess.
+average cost and tokens per call so far (at the list price, halved when the stage's role is in batch mode);
+no average yet means no projection, never a guess.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pyspark.sql import functions as F
 from cso_lib.config import Config
 from cso_lib.delta_io import read_table
 from cso_lib.errors import StageError
+from cso_lib.llm import BATCH_DISCOUNT
 from cso_lib.models import build_models
 from cso_lib.stages.common import resolve_run_id, work_steps
 
@@ -34,8 +36,12 @@ def remaining_work(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, i
         unasked += round(unscored_policy * _share_low(spark, cfg, low, policy_scored))
     unscored_alts = alts.join(steps, ["trajectory_id", "step_idx"], "left_semi").join(
         scores.where("alt_idx >= 0"), ["trajectory_id", "step_idx", "alt_idx"], "left_anti").count()
+    # taxonomy: the verified pairs found so far that the judge has not classified (future pairs are not projected)
+    unclassified = read_table(spark, cfg, "critical_steps").where(
+        F.col("verified") & ~F.coalesce(F.col("taxonomy_model") == models.judge.name, F.lit(False))
+    ).join(steps, ["trajectory_id", "step_idx"], "left_semi").count()
     return {"score_policy": unscored_policy, "propose": unasked,
-            "score_alternatives": unscored_alts + unasked * cfg.cso.k}
+            "score_alternatives": unscored_alts + unasked * cfg.cso.k, "taxonomy": unclassified}
 
 
 def _share_low(spark: SparkSession, cfg: Config, low, scored) -> float:
@@ -54,6 +60,10 @@ def report(cfg: Config, spark: SparkSession) -> dict:
             F.sum("cached_input_tokens").alias("cached_input_tokens"),
             F.sum("output_tokens").alias("output_tokens"),
             F.sum("cost_usd").alias("cost_usd"),
+            # what the calls would have cost online (batch answers are billed at BATCH_DISCOUNT)
+            F.sum(F.when(F.col("batch"), F.col("cost_usd") / BATCH_DISCOUNT).otherwise(F.col("cost_usd"))).alias(
+                "list_cost_usd"),
+            F.sum(F.col("batch").cast("int")).alias("batch_calls"),
             F.sum(F.col("cost_usd").isNull().cast("int")).alias("unpriced"),
         )
         .orderBy("stage", "model")
@@ -64,11 +74,14 @@ def report(cfg: Config, spark: SparkSession) -> dict:
     except StageError:
         return {"spent": spent, "remaining": {}}
     todo = remaining_work(spark, cfg, run_id)
+    roles = {"score_policy": cfg.prm, "score_alternatives": cfg.prm, "propose": cfg.expert,
+             "taxonomy": cfg.judge or cfg.prm}
     remaining = {}
     for stage, n in todo.items():
         rows = [r for r in spent if r["stage"] == stage]
         calls_done = sum(r["calls"] for r in rows)
-        cost = sum(r["cost_usd"] or 0.0 for r in rows)
+        # at the list price per call so far, discounted when the stage's role now runs in batch mode
+        cost = sum(r["list_cost_usd"] or 0.0 for r in rows) * (BATCH_DISCOUNT if roles[stage].batch else 1.0)
         tokens = sum((r["input_tokens"] or 0) + (r["output_tokens"] or 0) for r in rows)
         remaining[stage] = {
             "requests": n,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
+from cso_lib.batch_mode import PLANNED, planned_rows, run_batches
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.ledger import flush_journal
@@ -38,6 +39,7 @@ PROPOSED = StructType(
         StructField("step_idx", IntegerType(), False),
         StructField("alt_idx", IntegerType(), False),
         StructField("expert_model", StringType(), False),
+        StructField("prompt_version", StringType(), False),
         StructField("action", StringType(), False),
     ]
 )
@@ -65,7 +67,8 @@ def hash_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
 def propose_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[dict]:
     expert = get_models(cfg_json).expert
     requests, policy_actions = _requests(rows)
-    ctx = ledger_context(cfg_json, "propose", run_id, rows) if isinstance(expert, LLMRole) else None
+    batch = isinstance(expert, LLMRole) and expert.mc.batch  # batch mode: answers come from the ledger, none sent
+    ctx = ledger_context(cfg_json, "propose", run_id, rows, defer=batch) if expert.records_calls else None
     try:
         proposals = expert.propose(requests, k, ctx)
     finally:
@@ -81,10 +84,20 @@ def propose_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[d
                     "step_idx": req.step_idx,
                     "alt_idx": j,
                     "expert_model": expert.name,
+                    "prompt_version": expert.prompt_version,
                     "action": dumps({"role": "assistant", **{x: v for x, v in action.items() if x != "role"}}),
                 }
             )
     return out
+
+
+def plan_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[dict]:
+    """Batch mode: the expert requests the executor pass would send now, after the ledger join (none sent)."""
+    expert = get_models(cfg_json).expert
+    requests, _ = _requests(rows)
+    ctx = ledger_context(cfg_json, "propose", run_id, rows, defer=True)
+    expert.propose(requests, k, ctx)
+    return planned_rows(ctx, expert.client.provider)
 
 
 def run(cfg: Config, spark: SparkSession) -> dict:
@@ -116,6 +129,13 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         bundled = bundles(spark, cfg, run_id, todo)
         if isinstance(models.expert, LLMRole):
             stats["ledger_rows_recovered"] = flush_journal(spark, cfg)
+            if models.expert.mc.batch:  # the missing requests go out as provider batches, then land in the ledger
+                def plan() -> DataFrame:
+                    cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, k, rows))
+                    return map_batches(bundles(spark, cfg, run_id, todo, extra=cached),
+                                       lambda rows: plan_rows(cfg_json, k, run_id, rows), PLANNED)
+
+                stats.update(run_batches(spark, cfg, stage="propose", run_id=run_id, role=models.expert, plan=plan))
             cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, k, rows))
             bundled = bundles(spark, cfg, run_id, todo, extra=cached)
         out = map_batches(bundled, lambda rows: propose_rows(cfg_json, k, run_id, rows), PROPOSED)

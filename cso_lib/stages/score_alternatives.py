@@ -73,10 +73,13 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         policy_scores = scores.where(F.col("alt_idx") == -1).join(steps, ["trajectory_id", "step_idx"], "left_semi")
         alt_scores = scores.where(F.col("status") == "ok").join(
             alts.select("trajectory_id", "step_idx", "alt_idx"), ["trajectory_id", "step_idx", "alt_idx"], "left_semi")
-        decisions = decide(policy_scores, alt_scores, cfg.cso.gamma_low, cfg.cso.gamma_high).select(
+        # use_prm=false (the 'w/o PRM' ablation): thresholds no score can fail, so every scored step with an
+        # alternative is a candidate and every alternative is rolled out; verification alone decides.
+        low, high = (cfg.cso.gamma_low, cfg.cso.gamma_high) if cfg.cso.use_prm else (2.0, -1.0)
+        decisions = decide(policy_scores, alt_scores, low, high).select(
             "*",
-            F.lit(cfg.cso.gamma_low).alias("gamma_low"),
-            F.lit(cfg.cso.gamma_high).alias("gamma_high"),
+            F.lit(low).alias("gamma_low"),
+            F.lit(high).alias("gamma_high"),
             F.lit(cfg.cso.k).alias("k"),
             F.lit(cfg.cso.order).alias("order"),
             F.lit(run_id).alias("run_id"),

@@ -8,6 +8,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
+from cso_lib.batch_mode import PLANNED, planned_rows, run_batches
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.ledger import flush_journal
@@ -32,6 +33,7 @@ SCORED = StructType(
         StructField("step_idx", IntegerType(), False),
         StructField("alt_idx", IntegerType(), False),
         StructField("prm_model", StringType(), False),
+        StructField("prompt_version", StringType(), False),
         StructField("score", DoubleType(), True),
         StructField("status", StringType(), False),
         StructField("reasoning", StringType(), True),
@@ -71,7 +73,8 @@ def hash_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
 def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list[dict]:
     prm = get_models(cfg_json).prm
     requests, alt_idxs = _requests(rows)
-    ctx = ledger_context(cfg_json, stage, run_id, rows) if isinstance(prm, LLMRole) else None
+    batch = isinstance(prm, LLMRole) and prm.mc.batch  # batch mode: answers come from the ledger, none sent
+    ctx = ledger_context(cfg_json, stage, run_id, rows, defer=batch) if prm.records_calls else None
     try:
         scores = prm.score(requests, ctx)
     finally:
@@ -83,6 +86,7 @@ def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list
             "step_idx": r.step_idx,
             "alt_idx": a,
             "prm_model": prm.name,
+            "prompt_version": prm.prompt_version,
             "score": s.score,
             "status": s.status,
             "reasoning": s.reasoning,
@@ -91,12 +95,29 @@ def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list
     ]
 
 
+def plan_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list[dict]:
+    """Batch mode: the PRM requests the executor pass would send now, after the ledger join (none sent)."""
+    prm = get_models(cfg_json).prm
+    requests, _ = _requests(rows)
+    ctx = ledger_context(cfg_json, stage, run_id, rows, defer=True)
+    prm.score(requests, ctx)
+    return planned_rows(ctx, prm.client.provider)
+
+
 def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict, stage: str) -> None:
     cfg_json = cfg.model_dump_json()
     bundled = bundles(spark, cfg, run_id, todo)
-    llm = isinstance(build_models(cfg).prm, LLMRole)
+    prm = build_models(cfg).prm
+    llm = isinstance(prm, LLMRole)
     if llm:  # the join before dispatch
         stats["ledger_rows_recovered"] = flush_journal(spark, cfg)  # answers a crashed run already paid for
+        if prm.mc.batch:  # the missing requests go out as provider batches from here, then land in the ledger
+            def plan() -> DataFrame:
+                cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
+                return map_batches(bundles(spark, cfg, run_id, todo, extra=cached),
+                                   lambda rows: plan_rows(cfg_json, stage, run_id, rows), PLANNED)
+
+            stats.update(run_batches(spark, cfg, stage=stage, run_id=run_id, role=prm, plan=plan))
         cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
         bundled = bundles(spark, cfg, run_id, todo, extra=cached)
     out = map_batches(bundled, lambda rows: score_rows(cfg_json, stage, run_id, rows), SCORED)

@@ -10,8 +10,11 @@ Endpoints: OpenAI `POST /v1/chat/completions` (also any `.../chat/completions`, 
 `POST /v1/messages/batches`, `GET /v1/messages/batches/{id}`, `GET /v1/messages/batches/{id}/results`.
 
 Answers are deterministic functions of the request:
-- JSON wanted (response_format, a forced tool, or "JSON" in the system prompt): with "score" in the system
-  prompt {"reasoning", "score" in [0, 1] from a hash}; with "alternatives" {"alternatives": [k items]} in the
+- JSON wanted (response_format, a forced tool, or "JSON" in the system prompt): with `"correct"` in the system
+  prompt (the answer judge) {"extracted_final_answer", "reasoning", "correct": "yes" when the CORRECT block's
+  text, lower-cased with punctuation dropped, occurs in the RESPONSE block's, else "no"}; with `"category"` in the
+  system prompt (the taxonomy judge) {"reasoning", "category": one of the five, from a hash}; with "score" in
+  the system prompt {"reasoning", "score" in [0, 1] from a hash}; with "alternatives" {"alternatives": [k items]} in the
   expert schema (each a `search` tool call), k from "<k> alternatives" (default 3); else {"echo", "id"}.
 - tools given and the last message is not a tool result: a call of the first tool, {"query": <hash>}.
 - else text "echo: <last text> [<hash>]".
@@ -19,6 +22,9 @@ Answers are deterministic functions of the request:
   (everything before the last message) is reported cached when this server saw it before (Anthropic: cache
   creation the first time).
 - model "status-NNN": always HTTP NNN (e.g. status-400 to check a refusal is not retried).
+- a structured-output or tool schema that is not a JSON schema: HTTP 400, as real servers answer.
+- `judge_garbage_rate`: that seeded share of judge answers (score or category) is prose that no strict parser
+  accepts, decided per request body (a re-ask with another `seed` param is a new draw).
 
 A true rate limit (`rpm` accepted requests per sliding window of `window_s` seconds) answers 429 with
 Retry-After and rate-limit headers (OpenAI x-ratelimit-*, Anthropic anthropic-ratelimit-*); every answer
@@ -27,9 +33,11 @@ run is reproducible whatever the arrival order: 429 with Retry-After, 500, 503, 
 `timeout_sleep_s`), malformed JSON, a truncated body (Content-Length larger than what is sent, then the
 connection closes). Each chat request is logged as a JSONL line {t, path, hash, count, outcome}.
 
-Batches advance one state per poll (OpenAI validating -> in_progress -> finalizing -> completed/expired;
-Anthropic in_progress -> ended after `batch_polls` polls); `batch_expire_rate` / `batch_error_rate` make a
-seeded share of requests expire / fail with a server error.
+Batches advance one state per poll (OpenAI validating -> in_progress -> finalizing -> completed/expired,
+finished after max(3, `batch_polls`) polls; Anthropic in_progress -> ended after `batch_polls` polls);
+`batch_expire_rate` / `batch_error_rate` make a seeded share of requests expire / fail with a server error
+(drawn per custom_id and submission, so a resubmitted request gets a new draw). Batch creations and polls are
+logged too ({path, hash: batch id, outcome: created | poll}).
 """
 
 from __future__ import annotations
@@ -88,6 +96,12 @@ def _tokens(value: Any) -> int:
     return len(_canon(value)) // 4 + 1
 
 
+def _block_value(text: str, name: str) -> Any:
+    """The first JSON line of a delimited block `<<<NAME token>>>` of cso_lib.prompts, or None."""
+    m = re.search(r"^<<<" + name + r" [0-9a-f]+>>>\n(.*)$", text, re.M)
+    return json.loads(m.group(1)) if m else None
+
+
 def answer(system: str, messages: list[dict[str, Any]], json_wanted: bool, tool_names: list[str],
            last_is_tool: bool, salt: int = 0) -> tuple[str, Any]:
     """("json", obj) | ("tool", (name, args)) | ("text", str): the deterministic answer to a conversation."""
@@ -96,6 +110,15 @@ def answer(system: str, messages: list[dict[str, Any]], json_wanted: bool, tool_
     low = system.lower()
     last = _text(messages[-1].get("content")) if messages else ""
     if json_wanted or "json" in low:
+        if '"correct"' in low:  # the answer judge (cso_lib.answer_judge): lenient containment of the truth
+            got, want = (_block_value(last, name) for name in ("RESPONSE", "CORRECT"))
+            norm = lambda v: " ".join(re.sub(r"[^\w.]+", " ", str(v).lower()).split())  # noqa: E731
+            ok = got is not None and want is not None and norm(want) in norm(got)
+            return "json", {"extracted_final_answer": str(got), "reasoning": f"compared {h8}",
+                            "correct": "yes" if ok else "no"}
+        if '"category"' in low:  # the error-taxonomy judge
+            cats = ("tool_invocation", "reasoning", "task_understanding", "information_extraction", "other")
+            return "json", {"reasoning": f"classified {h8}", "category": cats[int(h[8:16], 16) % len(cats)]}
         if '"alternatives"' in low or ("alternative" in low and "score" not in low):  # expert prompts
             m = re.search(r"(\d+)\s+alternative", low)
             k = int(m.group(1)) if m else 3
@@ -130,12 +153,14 @@ class FakeLLMServer:
         batch_polls: int = 2,
         batch_expire_rate: float = 0.0,
         batch_error_rate: float = 0.0,
+        judge_garbage_rate: float = 0.0,
     ) -> None:
         self.rpm, self.window_s = rpm, window_s
         self.fault_rate, self.faults, self.seed = fault_rate, tuple(faults), seed
         self.log_path, self.timeout_sleep_s = log_path, timeout_sleep_s
         self.fault_retry_after_s, self.rate_headers, self.api_key = fault_retry_after_s, rate_headers, api_key
         self.batch_polls, self.batch_expire_rate, self.batch_error_rate = batch_polls, batch_expire_rate, batch_error_rate
+        self.judge_garbage_rate = judge_garbage_rate
         self.lock = threading.Lock()
         self.window: deque[float] = deque()
         self.counts: dict[str, int] = {}
@@ -143,6 +168,7 @@ class FakeLLMServer:
         self.prefixes: set[str] = set()
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_submits: dict[str, int] = {}  # custom_id -> batches that carried it (and finished)
         self._ids = 0
         self.httpd = _Server(("127.0.0.1", port), _make_handler(self))
         self.port = self.httpd.server_address[1]
@@ -226,6 +252,9 @@ class FakeLLMServer:
                 msg["tool_calls"] = [{"id": f"call_{_sha([i, args])[:12]}", "type": "function",
                                       "function": {"name": name, "arguments": json.dumps(args)}}]
                 finish = "tool_calls"
+            elif kind == "json" and ("score" in value or "category" in value) and self.judge_garbage_rate and \
+                    random.Random(f"{self.seed}|garbage|{_sha(body)}|{i}").random() < self.judge_garbage_rate:
+                msg["content"] = "Hard to say. It could be several things; I would not commit to one."
             else:
                 msg["content"] = value if kind == "text" else json.dumps(value)
             out_tokens += _tokens(msg)
@@ -281,7 +310,11 @@ class FakeLLMServer:
 
     # ---- batches -------------------------------------------------------------------------------------
     def batch_fate(self, custom_id: str) -> str:
-        r = random.Random(f"{self.seed}|batch|{custom_id}").random()
+        """ok, expired or error: a seeded draw per (custom_id, how often it was submitted), so a resubmission
+        is a new draw."""
+        with self.lock:
+            self.batch_submits[custom_id] = n = self.batch_submits.get(custom_id, 0) + 1
+        r = random.Random(f"{self.seed}|batch|{custom_id}" + (f"|{n}" if n > 1 else "")).random()
         if r < self.batch_expire_rate:
             return "expired"
         if r < self.batch_expire_rate + self.batch_error_rate:
@@ -338,6 +371,28 @@ class FakeLLMServer:
         b["request_counts"] = counts
         b["results_url"] = f"{self.url}/v1/messages/batches/{b['id']}/results"
         b["ended_at"] = datetime.now(UTC).isoformat()
+
+
+SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def invalid_request(body: dict[str, Any], anthropic: bool) -> str | None:
+    """Why a real provider would refuse this body's structured-output schema or tool schemas (HTTP 400), or None."""
+    schemas = []
+    if anthropic:
+        schemas = [("tools[].input_schema", t.get("input_schema")) for t in body.get("tools") or []]
+        if any(not isinstance(s, dict) or s.get("type") != "object" for _, s in schemas):
+            return "tools[].input_schema: must be a JSON schema of type 'object'"
+    else:
+        fmt = body.get("response_format") or {}
+        if fmt.get("type") == "json_schema":
+            schemas.append(("response_format.json_schema.schema", (fmt.get("json_schema") or {}).get("schema")))
+        schemas += [("tools[].function.parameters", (t.get("function") or {}).get("parameters"))
+                    for t in body.get("tools") or [] if (t.get("function") or {}).get("parameters") is not None]
+    for where, schema in schemas:
+        if not isinstance(schema, dict) or schema.get("type") not in SCHEMA_TYPES:
+            return f"{where}: not a JSON schema (type {(schema or {}).get('type')!r})"
+    return None
 
 
 def _status_of(model: Any) -> int | None:
@@ -460,10 +515,10 @@ def _make_handler(srv: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                     b["errors"] = {"object": "list", "data": [
                         {"code": "invalid_url", "message": "url does not match the batch endpoint", "line": i + 1}
                         for i in bad]}
-                elif polls >= len(steps):
+                elif polls >= max(len(steps), srv.batch_polls):
                     srv.finish_openai_batch(b)
                 else:
-                    b["status"] = steps[polls]
+                    b["status"] = steps[min(polls, len(steps) - 1)]
             self.reply(200, _public(b))
 
         def upload(self, raw: bytes) -> None:
@@ -494,6 +549,10 @@ def _make_handler(srv: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 srv.record(path, h, count, "429-limit")
                 return self.reply(429, {"error": {"type": "rate_limit_error", "message": "rate limit reached"}},
                                   {**rate, "retry-after": f"{reset:.3f}", "retry-after-ms": str(int(reset * 1000))})
+            why = invalid_request(body, anthropic)
+            if why:
+                srv.record(path, h, count, "400")
+                return self.reply(400, {"error": {"type": "invalid_request_error", "message": why}})
             status = _status_of(body.get("model"))
             if status:
                 srv.record(path, h, count, str(status))

@@ -1,0 +1,36 @@
+"""Success rates with 95% intervals: Wilson for one run's held-out episodes, Student t over seeds.
+
+>>> lo, hi = wilson(30, 100)
+>>> round(lo, 3), round(hi, 3)
+(0.219, 0.396)
+>>> round(over_seeds([0.3, 0.4, 0.5])["mean"], 3), [round(x, 3) for x in over_seeds([0.3, 0.4, 0.5])["ci95"]]
+(0.4, [0.152, 0.648])
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+# two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def over_seeds(rates: list[float]) -> dict:
+    """Mean over seeds and its 95% t interval (None with one seed), clipped to [0, 1]."""
+    mean = statistics.fmean(rates)
+    if len(rates) < 2:
+        return {"mean": mean, "ci95": None, "n_seeds": len(rates)}
+    half = T95.get(len(rates) - 1, 1.96) * statistics.stdev(rates) / math.sqrt(len(rates))
+    return {"mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "n_seeds": len(rates)}

@@ -1,0 +1,145 @@
+"""The experiment's task family: the simulation world's multi-hop look-ups with a compact prompt. SIMULATION.
+
+Tasks, tools, observations, the solver and the verifier are the simulation world's (`cso_lib.sim.world`);
+only the words the policy reads are shorter (the tiny model is trained on CPU, and every prompt token costs):
+a one-line system prompt naming the tools, no tool schemas, and the query as the person's name plus the chain
+of attributes. Task ids are the world's (`sim-<seed>-<i>`), so the pipeline's simulated expert, PRM and
+environment replay them unchanged.
+
+Splits: train tasks are indices [0, n_train), held-out tasks [n_train, n_train + n_test) of the same world;
+a held-out task whose (person, attribute chain) also occurs in train is dropped, so the two splits share no
+question.
+
+>>> from cso_lib.sim.world import SimWorld
+>>> w = SimWorld(seed=3, n_tasks=40, n_entities=60)
+>>> train, test = splits(w, 30, 10)
+>>> len(train), set(train) & set(test), preamble(w, train[0])[1]["content"].startswith("Person: ")
+(30, set(), True)
+>>> demo = demonstration(w, train[0])
+>>> w.answer_ok(w.task(train[0]), final_answer(demo[-1])), demo[2]["tool_calls"][0]["function"]["name"]
+(True, 'search')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cso_lib.messages import Message, final_answer
+from cso_lib.models import StepRequest
+from cso_lib.sim.world import SimWorld
+
+ENV = "sim"
+COMPACT_SYSTEM = (
+    "Answer with tools: search(query) finds a person by name; lookup(entity_id, attribute) reads one "
+    "attribute; final_answer(answer). Follow the chain, one lookup per step."
+)
+
+
+def compact_query(world: SimWorld, task_id: str) -> str:
+    task = world.task(task_id)
+    return f"Person: {world.kb[task.person_id]['name']}. Chain: {' -> '.join(task.plan)}."
+
+
+def preamble(world: SimWorld, task_id: str) -> list[Message]:
+    return [{"role": "system", "content": COMPACT_SYSTEM}, {"role": "user", "content": compact_query(world, task_id)}]
+
+
+def splits(world: SimWorld, n_train: int, n_test: int) -> tuple[list[str], list[str]]:
+    """Train ids [0, n_train) and held-out ids from n_train on, skipping questions that occur in train."""
+    ids = lambda lo, hi: [f"sim-{world.seed}-{i:04d}" for i in range(lo, hi)]  # noqa: E731
+    train = ids(0, n_train)
+    seen = {(world.task(t).person_id, world.task(t).plan) for t in train}
+    test: list[str] = []
+    i = n_train
+    while len(test) < n_test:
+        tid = f"sim-{world.seed}-{i:04d}"
+        if (world.task(tid).person_id, world.task(tid).plan) not in seen:
+            test.append(tid)
+        i += 1
+    return train, test
+
+
+def demonstration(world: SimWorld, task_id: str) -> list[Message]:
+    """The solver's trajectory for a task, as one conversation (the SFT data)."""
+    task = world.task(task_id)
+    msgs = preamble(world, task_id)
+    for t in range(2 + len(task.plan)):
+        action = world.solver_action(task, msgs, call_id=f"call_{t}_0")
+        msgs.append(action)
+        msgs.extend(world.execute(action))
+        if final_answer(action) is not None:
+            break
+    return msgs
+
+
+@dataclass
+class Episode:
+    trajectory_id: str
+    task_id: str
+    messages: list[Message]
+    answer: str | None = None
+    done: bool = False
+    n_steps: int = 0
+    success: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def run_episodes(policy, world: SimWorld, items: Iterable[tuple[str, str]], max_steps: int = 8,
+                 key: str = "episode") -> list[Episode]:
+    """Run the policy on (trajectory_id, task_id) items in lockstep (one batched `act` per turn) until each
+    answers or takes `max_steps` actions. An action with no tool call ends the episode without an answer."""
+    eps = [Episode(tid, task, preamble(world, task)) for tid, task in items]
+    for t in range(max_steps):
+        active = [e for e in eps if not e.done]
+        if not active:
+            break
+        reqs = [StepRequest(e.trajectory_id, e.task_id, ENV, t, list(e.messages), None, key=key) for e in active]
+        for e, action in zip(active, policy.act(reqs), strict=True):
+            if not (action.get("content") or action.get("tool_calls")):
+                action = {**action, "content": "(no output)"}
+            e.messages.append(action)
+            e.n_steps += 1
+            e.answer = final_answer(action)
+            if e.answer is not None or not action.get("tool_calls"):
+                e.done = True
+            else:
+                e.messages.extend(world.execute(action))
+    for e in eps:
+        e.success = world.answer_ok(world.task(e.task_id), e.answer)
+    return eps
+
+
+def log_record(world: SimWorld, ep: Episode, policy_model: str, policy_version: str, round_: int) -> dict:
+    """An episode in the native input format (`messages` form), as the pipeline ingests it."""
+    task = world.task(ep.task_id)
+    return {
+        "trajectory_id": ep.trajectory_id,
+        "task_id": ep.task_id,
+        "query": ep.messages[1]["content"],
+        "ground_truth": task.answer,
+        "outcome": int(ep.success),
+        "policy_model": policy_model,
+        "policy_version": policy_version,
+        "env": ENV,
+        "round": round_,
+        "system_prompt": COMPACT_SYSTEM,
+        "tools": None,
+        "messages": ep.messages,
+        "metadata": {"simulation": True, "seed": world.seed, "experiment": "paper_table"},
+    }
+
+
+def write_logs(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def success_rate(eps: list[Episode]) -> float:
+    return sum(e.success for e in eps) / max(1, len(eps))

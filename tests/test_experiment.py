@@ -1,0 +1,98 @@
+"""The paper-table experiment's parts at a tiny size: splits, demonstrations, SFT, episodes, intervals.
+
+The pure-Python checks run in the fast suite; the ones that build and train the tiny model are `slow`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cso_lib.experiment import stats, tasks
+from cso_lib.messages import final_answer
+from cso_lib.sim.world import SimWorld
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SimWorld(seed=5, n_tasks=40, n_entities=60, min_hops=1, max_hops=2)
+
+
+def test_splits_are_disjoint_and_share_no_question(world):
+    train, test = tasks.splits(world, 40, 30)
+    assert len(train) == 40 and len(test) == 30 and not set(train) & set(test)
+    q = lambda t: (world.task(t).person_id, world.task(t).plan)  # noqa: E731
+    assert not {q(t) for t in train} & {q(t) for t in test}
+
+
+def test_demonstrations_solve_their_tasks(world):
+    for tid in world.task_ids()[:10]:
+        demo = tasks.demonstration(world, tid)
+        assert world.answer_ok(world.task(tid), final_answer(demo[-1]))
+        assert [m["role"] for m in demo[:2]] == ["system", "user"]
+
+
+class Solver:
+    """A policy that plays the world's solver (all episodes succeed) or always answers "x" (none do)."""
+
+    def __init__(self, world, good):
+        self.world, self.good = world, good
+
+    def act(self, requests, ctx=None):
+        from cso_lib.messages import assistant, call
+
+        if not self.good:
+            return [assistant("", [call("c", "final_answer", {"answer": "x"})]) for _ in requests]
+        return [self.world.solver_action(self.world.task(r.task_id), r.state, f"call_{r.step_idx}") for r in requests]
+
+
+def test_episodes_and_log_records(world):
+    items = [(f"{t}/e", t) for t in world.task_ids()[:6]]
+    good = tasks.run_episodes(Solver(world, True), world, items, max_steps=6)
+    bad = tasks.run_episodes(Solver(world, False), world, items, max_steps=6)
+    assert tasks.success_rate(good) == 1.0 and tasks.success_rate(bad) == 0.0
+    rec = tasks.log_record(world, bad[0], "m", "v", 0)
+    from cso_lib.ingest import convert
+
+    traj = convert(rec, "sim")
+    assert traj is not None and rec["outcome"] == 0
+
+
+def test_intervals():
+    lo, hi = stats.wilson(0, 50)
+    assert lo == 0.0 and 0 < hi < 0.1
+    assert stats.over_seeds([0.5])["ci95"] is None
+    agg = stats.over_seeds([0.2, 0.3, 0.4])
+    assert agg["ci95"][0] < agg["mean"] < agg["ci95"][1]
+
+
+@pytest.mark.slow
+def test_sft_lowers_loss_and_eval_gives_a_rate(world, tmp_path):
+    from cso_lib.experiment.train import encode, sft
+    from cso_lib.tiny_model import TinySpec, ensure_tiny_model
+
+    init = ensure_tiny_model(tmp_path / "init", TinySpec(num_hidden_layers=1))
+    demos = [tasks.demonstration(world, t) for t in world.task_ids()[:8]]
+    from transformers import AutoTokenizer
+
+    ids, labels = encode(AutoTokenizer.from_pretrained(init), demos[0])
+    assert 0 < sum(lab != -100 for lab in labels) < len(ids)  # assistant tokens only
+    r = sft(init, tmp_path / "sft", demos, steps=12, batch_size=4, lr=3e-3, log_every=0)
+    assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+
+    from cso_lib.config import ModelConfig
+    from cso_lib.local_models import TransformersPolicy
+
+    pol = TransformersPolicy(ModelConfig(provider="transformers", model=str(tmp_path / "sft"),
+                                         params={"temperature": 0, "max_tokens": 24, "threads": 1}))
+    eps = tasks.run_episodes(pol, world, [(f"{t}/e", t) for t in world.task_ids()[:3]], max_steps=2)
+    rate = tasks.success_rate(eps)
+    assert 0.0 <= rate <= 1.0 and all(e.n_steps >= 1 for e in eps)
+
+    # DPO (TRL) on two step pairs shaped like the pipeline's: chosen = the solver's action, rejected = a wrong one
+    from cso_lib.experiment.train import dpo
+    from cso_lib.messages import assistant, call
+
+    pairs = [{"prompt": d[:2], "chosen": [d[2]],
+              "rejected": [assistant("I will search.", [call("c", "search", {"query": "nobody"})])]} for d in demos[:2]]
+    out = dpo(tmp_path / "sft", tmp_path / "dpo", pairs, epochs=1, batch_size=2, threads=1)
+    assert out["pairs"] == 2 and (tmp_path / "dpo" / "model.safetensors").exists()
