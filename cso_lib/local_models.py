@@ -96,18 +96,37 @@ def hf_engine(path: str, dtype: str = "float32", threads: int = 1) -> _HFEngine:
         return _ENGINES[key]
 
 
-class TransformersPolicy:
-    """The policy as a local transformers model (see the module docstring)."""
+class _LocalPolicy:
+    """What the in-process policies share: sampling params, rendering with the model's chat template and the
+    agent's tools, and the answer for a prompt too long for the model."""
 
     records_calls = False
 
     def __init__(self, mc: ModelConfig) -> None:
         self.mc = mc
-        p = dict(mc.params)
+        self.params = p = dict(mc.params)
         self.max_tokens = int(p.get("max_tokens", 128))
         self.temperature = float(p.get("temperature", 1.0))
         self.top_p = float(p.get("top_p", 1.0))
         self.seed = int(p.get("seed", 0))
+
+    @staticmethod
+    def _render(tok, requests) -> list[str]:
+        return [tok.apply_chat_template(r.state, tools=r.tools, add_generation_prompt=True, tokenize=False)
+                for r in requests]
+
+    def _too_long(self, n_tokens: int, positions: int) -> Message:
+        return {"role": "assistant",
+                "content": f"[policy call failed: prompt of {n_tokens} tokens exceeds the model's {positions} "
+                           f"positions minus max_tokens={self.max_tokens}]"}
+
+
+class TransformersPolicy(_LocalPolicy):
+    """The policy as a local transformers model (see the module docstring)."""
+
+    def __init__(self, mc: ModelConfig) -> None:
+        super().__init__(mc)
+        p = self.params
         self.batch_size = int(p.get("batch_size", 16))
         self.dtype = str(p.get("dtype", "float32"))
         self.threads = int(p.get("threads", 1))
@@ -118,9 +137,7 @@ class TransformersPolicy:
         return hf_engine(self.mc.model, self.dtype, self.threads)
 
     def render(self, requests) -> list[str]:
-        tok = self.engine.tok
-        return [tok.apply_chat_template(r.state, tools=r.tools, add_generation_prompt=True, tokenize=False)
-                for r in requests]
+        return self._render(self.engine.tok, requests)
 
     def act(self, requests, ctx=None) -> list[Message]:
         out: list[Message | None] = [None] * len(requests)
@@ -131,9 +148,7 @@ class TransformersPolicy:
         for i, text in enumerate(texts):
             n = len(eng.tok(text, add_special_tokens=False)["input_ids"])
             if n > limit:
-                out[i] = {"role": "assistant",
-                          "content": f"[policy call failed: prompt of {n} tokens exceeds the model's "
-                                     f"{eng.max_len} positions minus max_tokens={self.max_tokens}]"}
+                out[i] = self._too_long(n, eng.max_len)
             else:
                 todo.append(i)
         for start in range(0, len(todo), self.batch_size):
@@ -198,7 +213,7 @@ def vllm_engine(path: str, **engine_kw: Any):
         return _ENGINES[key]
 
 
-class VLLMPolicy:
+class VLLMPolicy(_LocalPolicy):
     """The policy as a vLLM engine in the executor: one batched `generate` per call of `act`.
 
     Every request of a call (in a rollout: every branch still running, one lockstep turn) is rendered with the
@@ -216,15 +231,9 @@ class VLLMPolicy:
     `max_num_seqs`.
     """
 
-    records_calls = False
-
     def __init__(self, mc: ModelConfig) -> None:
-        self.mc = mc
-        p = dict(mc.params)
-        self.max_tokens = int(p.get("max_tokens", 128))
-        self.temperature = float(p.get("temperature", 1.0))
-        self.top_p = float(p.get("top_p", 1.0))
-        self.seed = int(p.get("seed", 0))
+        super().__init__(mc)
+        p = self.params
         self.engine_kw = {
             "max_model_len": int(p.get("max_model_len", 4096)),
             "dtype": str(p.get("dtype", "auto")),
@@ -247,9 +256,7 @@ class VLLMPolicy:
         return vllm_engine(self.mc.model, **self.engine_kw)
 
     def render(self, requests) -> list[str]:
-        tok = self.engine.get_tokenizer()
-        return [tok.apply_chat_template(r.state, tools=r.tools, add_generation_prompt=True, tokenize=False)
-                for r in requests]
+        return self._render(self.engine.get_tokenizer(), requests)
 
     def sampling(self, request):
         from vllm import SamplingParams
@@ -271,9 +278,7 @@ class VLLMPolicy:
         for i, (r, text) in enumerate(zip(requests, self.render(requests), strict=True)):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             if len(ids) > limit:
-                out[i] = {"role": "assistant",
-                          "content": f"[policy call failed: prompt of {len(ids)} tokens exceeds max_model_len="
-                                     f"{self.engine_kw['max_model_len']} minus max_tokens={self.max_tokens}]"}
+                out[i] = self._too_long(len(ids), self.engine_kw["max_model_len"])
                 continue
             prompts.append({"prompt_token_ids": ids})
             params.append(self.sampling(r))

@@ -12,19 +12,15 @@ from __future__ import annotations
 import math
 import statistics
 
+from cso_lib.exports import wilson_interval
+
 # two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion (the one `cso evaluate` uses)."""
+    return wilson_interval(successes, n)
 
 
 def over_seeds(rates: list[float]) -> dict:

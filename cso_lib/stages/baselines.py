@@ -26,7 +26,7 @@ from cso_lib.config import Config
 from cso_lib.delta_io import new_run_id, read_table, stage_run
 from cso_lib.messages import Message, Step, to_struct
 from cso_lib.models import build_models
-from cso_lib.stages.common import map_batches, parse_bundle, steps_json
+from cso_lib.stages.common import map_batches, parse_bundle, steps_json, write_round_parquet
 from schemas.tables import DPO_PAIRS, MESSAGES
 
 ETO = StructType(
@@ -218,13 +218,6 @@ def rft(convs: DataFrame, run_id: str) -> DataFrame:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
-def _write(df: DataFrame, path: str, order: list[str]) -> int:
-    df = df.persist()
-    n = df.count()
-    (df.orderBy(*order).coalesce(1).write.mode("overwrite").option("partitionOverwriteMode", "dynamic")
-     .partitionBy("round").parquet(path))
-    df.unpersist()
-    return n
 
 
 def run(cfg: Config, spark: SparkSession, margin: float = 0.0) -> dict:
@@ -233,13 +226,13 @@ def run(cfg: Config, spark: SparkSession, margin: float = 0.0) -> dict:
     with stage_run(spark, cfg, run_id, "baselines") as stats:
         convs = conversations(spark, cfg).persist()
         stats["rows_in"] = convs.count()
-        stats["step_dpo_pairs"] = _write(step_dpo(spark, cfg, convs, run_id, margin), baselines_path(cfg, "step_dpo"),
+        stats["step_dpo_pairs"] = write_round_parquet(step_dpo(spark, cfg, convs, run_id, margin), baselines_path(cfg, "step_dpo"),
                                          ["trajectory_id", "step_idx"])
         eto_df = eto(spark, cfg, convs, run_id).persist()
-        stats["eto_pairs"] = _write(eto_df, baselines_path(cfg, "eto"), ["rejected_trajectory_id", "source"])
+        stats["eto_pairs"] = write_round_parquet(eto_df, baselines_path(cfg, "eto"), ["rejected_trajectory_id", "source"])
         stats["eto_pairs_by_source"] = {r["source"]: r["count"] for r in eto_df.groupBy("source").count().collect()}
         eto_df.unpersist()
-        stats["rft_records"] = _write(rft(convs, run_id), baselines_path(cfg, "rft"), ["trajectory_id"])
+        stats["rft_records"] = write_round_parquet(rft(convs, run_id), baselines_path(cfg, "rft"), ["trajectory_id"])
         stats["rows_out"] = stats["step_dpo_pairs"] + stats["eto_pairs"] + stats["rft_records"]
         convs.unpersist()
     return {"run_id": run_id, **stats}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from cso_lib.config import Config
 from cso_lib.delta_io import read_table
 from cso_lib.errors import StageError
-from cso_lib.messages import Message, Step
+from cso_lib.messages import Message, Step, iter_states
 
 BATCH_ROWS = 256  # trajectories per Arrow batch handed to a model call
 
@@ -146,3 +147,74 @@ def ledger_context(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, 
             cached[rec["request_hash"]] = rec
     return LedgerContext(stage=stage, run_id=run_id, cached=cached, journal=Journal(cfg.journal_path),
                          prices=cfg.prices, defer=defer)
+
+
+def todo_states(rows: list[dict[str, Any]]) -> Iterator[tuple[dict, int, list[Message], list[Step], Any, dict]]:
+    """(row, t, state, steps, tools, item) for each todo item of a batch of bundles: trajectory by trajectory,
+    steps in order, a step's items by alt_idx, so requests sharing a prompt prefix go out back to back."""
+    for row in rows:
+        preamble, steps, tools, todo = parse_bundle(row)
+        by_step: dict[int, list[dict]] = {}
+        for item in todo:
+            by_step.setdefault(item["step_idx"], []).append(item)
+        for t, state in iter_states(preamble, steps):
+            for item in sorted(by_step.get(t, []), key=lambda i: i.get("alt_idx", 0)):
+                yield row, t, state, steps, tools, item
+
+
+def hash_rows_of(requests: list, hashes: list[list[str]]) -> list[dict[str, Any]]:
+    """(trajectory_id, request_hash) rows for `ledger_cache`, from a role's `all_hashes(requests)`."""
+    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
+            for r, hs in zip(requests, hashes, strict=True) for h in hs]
+
+
+@contextmanager
+def role_ledger(cfg_json: str, stage: str, run_id: str, rows: list[dict[str, Any]], role, defer: bool | None = None):
+    """The ledger context of one batch for `role` (None when the role records no calls), its journal closed at
+    the end. A role in batch mode (or `defer=True`) sends nothing: its answers come from the ledger."""
+    if not role.records_calls and not defer:
+        yield None
+        return
+    if defer is None:
+        defer = bool(getattr(getattr(role, "mc", None), "batch", False))
+    ctx = ledger_context(cfg_json, stage, run_id, rows, defer=defer)
+    try:
+        yield ctx
+    finally:
+        if ctx.journal is not None:
+            ctx.journal.close()
+
+
+def ledger_bundles(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, role, stage: str, stats: dict,
+                   hash_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                   plan_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> DataFrame:
+    """The stage's bundles, with the ledger's answers joined in for a provider-backed role (the join before
+    dispatch). First the answers a crashed run already paid for are folded in; in batch mode the missing
+    requests (`plan_rows`, nothing sent) go out as provider batches from the driver and land in the ledger."""
+    from cso_lib.batch_mode import PLANNED, run_batches
+    from cso_lib.ledger import flush_journal
+    from cso_lib.llm_models import LLMRole
+
+    bundled = bundles(spark, cfg, run_id, todo)
+    if not isinstance(role, LLMRole):
+        return bundled
+
+    def joined() -> DataFrame:
+        return bundles(spark, cfg, run_id, todo, extra=ledger_cache(spark, cfg, bundled, hash_rows))
+
+    stats["ledger_rows_recovered"] = flush_journal(spark, cfg)
+    if role.mc.batch:
+        stats.update(run_batches(spark, cfg, stage=stage, run_id=run_id, role=role,
+                                 plan=lambda: map_batches(joined(), plan_rows, PLANNED)))
+    return joined()
+
+
+def write_round_parquet(df: DataFrame, path: str, order: list[str]) -> int:
+    """Write `df` as one sorted Parquet file per `round` partition (only the rounds present are replaced); its
+    row count."""
+    df = df.persist()
+    n = df.count()
+    (df.orderBy(*order).coalesce(1).write.mode("overwrite").option("partitionOverwriteMode", "dynamic")
+     .partitionBy("round").parquet(path))
+    df.unpersist()
+    return n

@@ -41,7 +41,7 @@ from cso_lib.delta_io import new_run_id, read_table, stage_run
 from cso_lib.messages import state_at, to_struct
 from cso_lib.models import build_models
 from cso_lib.stages.build_pairs import pairs_path
-from cso_lib.stages.common import map_batches, parse_bundle, steps_json
+from cso_lib.stages.common import map_batches, parse_bundle, steps_json, write_round_parquet
 from schemas.tables import MESSAGES
 
 STEP_CREDIT = StructType(
@@ -308,13 +308,6 @@ def prm_stepwise(spark: SparkSession, cfg: Config) -> DataFrame:
                        PRM_STEPWISE)
 
 
-def _write_round(df: DataFrame, path: str, order: list[str]) -> int:
-    df = df.persist()
-    n = df.count()
-    (df.orderBy(*order).coalesce(1).write.mode("overwrite").option("partitionOverwriteMode", "dynamic")
-     .partitionBy("round").parquet(path))
-    df.unpersist()
-    return n
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -337,9 +330,9 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         stats["llamafactory_records"] = lf["records"]
         stats["llamafactory_skipped"] = lf["skipped"][:20]
         if cfg.cso.verify:
-            stats["step_credit_rows"] = _write_round(step_credit(spark, cfg), sibling_path(cfg, "step_credit"),
+            stats["step_credit_rows"] = write_round_parquet(step_credit(spark, cfg), sibling_path(cfg, "step_credit"),
                                                      ["trajectory_id", "step_idx", "alt_idx", "policy_model"])
-            stats["prm_stepwise_rows"] = _write_round(prm_stepwise(spark, cfg), sibling_path(cfg, "prm_stepwise"),
+            stats["prm_stepwise_rows"] = write_round_parquet(prm_stepwise(spark, cfg), sibling_path(cfg, "prm_stepwise"),
                                                       ["trajectory_id", "step_idx", "alt_idx", "path"])
             card["step_level"] = {"step_credit": f"{sibling_path(cfg, 'step_credit')}/round={cfg.round}",
                                   "step_credit_rows": stats["step_credit_rows"],

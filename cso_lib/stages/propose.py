@@ -9,27 +9,27 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
-from cso_lib.batch_mode import PLANNED, planned_rows, run_batches
+from cso_lib.batch_mode import planned_rows
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.ledger import flush_journal
 from cso_lib.llm_models import LLMRole
-from cso_lib.messages import iter_states, signature
+from cso_lib.messages import signature
 from cso_lib.models import StepRequest, build_models, get_models
 from cso_lib.progress import StageProgress
 from cso_lib.stages.common import (
-    bundles,
     dumps,
-    ledger_cache,
-    ledger_context,
+    hash_rows_of,
+    ledger_bundles,
     map_batches,
     materialize,
-    parse_bundle,
     resolve_run_id,
+    role_ledger,
+    todo_states,
     work_steps,
 )
 
@@ -47,33 +47,23 @@ PROPOSED = StructType(
 
 def _requests(rows: list[dict]) -> tuple[list[StepRequest], list[dict]]:
     requests, policy_actions = [], []
-    for row in rows:
-        preamble, steps, tools, todo = parse_bundle(row)
-        want = {item["step_idx"] for item in todo}
-        for t, state in iter_states(preamble, steps):
-            if t in want:
-                requests.append(StepRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools))
-                policy_actions.append(steps[t][0])
+    for row, t, state, steps, tools, _ in todo_states(rows):
+        requests.append(StepRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools))
+        policy_actions.append(steps[t][0])
     return requests, policy_actions
 
 
 def hash_rows(cfg_json: str, k: int, rows: list[dict]) -> list[dict]:
     expert = get_models(cfg_json).expert
     requests, _ = _requests(rows)
-    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
-            for r, hashes in zip(requests, expert.all_hashes(requests, k), strict=True) for h in hashes]
+    return hash_rows_of(requests, expert.all_hashes(requests, k))
 
 
 def propose_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[dict]:
     expert = get_models(cfg_json).expert
     requests, policy_actions = _requests(rows)
-    batch = isinstance(expert, LLMRole) and expert.mc.batch  # batch mode: answers come from the ledger, none sent
-    ctx = ledger_context(cfg_json, "propose", run_id, rows, defer=batch) if expert.records_calls else None
-    try:
+    with role_ledger(cfg_json, "propose", run_id, rows, expert) as ctx:
         proposals = expert.propose(requests, k, ctx)
-    finally:
-        if ctx is not None and ctx.journal is not None:
-            ctx.journal.close()
     out = []
     for req, own, alts in zip(requests, policy_actions, proposals, strict=True):
         kept = [a for a in alts if signature(a) != signature(own)]
@@ -95,8 +85,8 @@ def plan_rows(cfg_json: str, k: int, run_id: str, rows: list[dict]) -> list[dict
     """Batch mode: the expert requests the executor pass would send now, after the ledger join (none sent)."""
     expert = get_models(cfg_json).expert
     requests, _ = _requests(rows)
-    ctx = ledger_context(cfg_json, "propose", run_id, rows, defer=True)
-    expert.propose(requests, k, ctx)
+    with role_ledger(cfg_json, "propose", run_id, rows, expert, defer=True) as ctx:
+        expert.propose(requests, k, ctx)
     return planned_rows(ctx, expert.client.provider)
 
 
@@ -126,18 +116,9 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti")
         stats["rows_in"] = stats["steps_asked"] = todo.count()
         cfg_json, k = cfg.model_dump_json(), cfg.cso.k
-        bundled = bundles(spark, cfg, run_id, todo)
-        if isinstance(models.expert, LLMRole):
-            stats["ledger_rows_recovered"] = flush_journal(spark, cfg)
-            if models.expert.mc.batch:  # the missing requests go out as provider batches, then land in the ledger
-                def plan() -> DataFrame:
-                    cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, k, rows))
-                    return map_batches(bundles(spark, cfg, run_id, todo, extra=cached),
-                                       lambda rows: plan_rows(cfg_json, k, run_id, rows), PLANNED)
-
-                stats.update(run_batches(spark, cfg, stage="propose", run_id=run_id, role=models.expert, plan=plan))
-            cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, k, rows))
-            bundled = bundles(spark, cfg, run_id, todo, extra=cached)
+        bundled = ledger_bundles(spark, cfg, run_id, todo, models.expert, "propose", stats,
+                                 lambda rows: hash_rows(cfg_json, k, rows),
+                                 lambda rows: plan_rows(cfg_json, k, run_id, rows))
         out = map_batches(bundled, lambda rows: propose_rows(cfg_json, k, run_id, rows), PROPOSED)
         try:
             with StageProgress(cfg.journal_path, "propose") if isinstance(models.expert, LLMRole) else nullcontext():

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import orjson
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
-from cso_lib.batch_mode import PLANNED, planned_rows, run_batches
+from cso_lib.batch_mode import planned_rows
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.ledger import flush_journal
 from cso_lib.llm_models import LLMRole
-from cso_lib.messages import iter_states
 from cso_lib.models import ScoreRequest, build_models, get_models
 from cso_lib.progress import StageProgress
 from cso_lib.stages.common import (
-    bundles,
-    ledger_cache,
-    ledger_context,
+    hash_rows_of,
+    ledger_bundles,
     map_batches,
     materialize,
-    parse_bundle,
     resolve_run_id,
+    role_ledger,
+    todo_states,
     work_steps,
 )
 
@@ -42,44 +42,30 @@ SCORED = StructType(
 
 
 def _requests(rows: list[dict]) -> tuple[list[ScoreRequest], list[int]]:
-    """The PRM requests of a batch of bundles, trajectory by trajectory, steps in order (prefixes shared back
-    to back); todo rows carry step_idx, alt_idx and, for alternatives, the action."""
-    import orjson
-
+    """The PRM requests of a batch of bundles (`todo_states` order); todo rows carry step_idx, alt_idx and, for
+    alternatives, the action."""
     requests: list[ScoreRequest] = []
     alt_idxs: list[int] = []
-    for row in rows:
-        preamble, steps, tools, todo = parse_bundle(row)
-        by_step: dict[int, list[dict]] = {}
-        for item in todo:
-            by_step.setdefault(item["step_idx"], []).append(item)
-        for t, state in iter_states(preamble, steps):
-            for item in sorted(by_step.get(t, []), key=lambda i: i["alt_idx"]):
-                action = steps[t][0] if item["alt_idx"] < 0 else orjson.loads(item["action"])
-                requests.append(
-                    ScoreRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools, action=action)
-                )
-                alt_idxs.append(item["alt_idx"])
+    for row, t, state, steps, tools, item in todo_states(rows):
+        action = steps[t][0] if item["alt_idx"] < 0 else orjson.loads(item["action"])
+        requests.append(
+            ScoreRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools, action=action)
+        )
+        alt_idxs.append(item["alt_idx"])
     return requests, alt_idxs
 
 
 def hash_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
     prm = get_models(cfg_json).prm
     requests, _ = _requests(rows)
-    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
-            for r, hashes in zip(requests, prm.all_hashes(requests), strict=True) for h in hashes]
+    return hash_rows_of(requests, prm.all_hashes(requests))
 
 
 def score_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list[dict]:
     prm = get_models(cfg_json).prm
     requests, alt_idxs = _requests(rows)
-    batch = isinstance(prm, LLMRole) and prm.mc.batch  # batch mode: answers come from the ledger, none sent
-    ctx = ledger_context(cfg_json, stage, run_id, rows, defer=batch) if prm.records_calls else None
-    try:
+    with role_ledger(cfg_json, stage, run_id, rows, prm) as ctx:
         scores = prm.score(requests, ctx)
-    finally:
-        if ctx is not None and ctx.journal is not None:
-            ctx.journal.close()
     return [
         {
             "trajectory_id": r.trajectory_id,
@@ -99,27 +85,18 @@ def plan_rows(cfg_json: str, stage: str, run_id: str, rows: list[dict]) -> list[
     """Batch mode: the PRM requests the executor pass would send now, after the ledger join (none sent)."""
     prm = get_models(cfg_json).prm
     requests, _ = _requests(rows)
-    ctx = ledger_context(cfg_json, stage, run_id, rows, defer=True)
-    prm.score(requests, ctx)
+    with role_ledger(cfg_json, stage, run_id, rows, prm, defer=True) as ctx:
+        prm.score(requests, ctx)
     return planned_rows(ctx, prm.client.provider)
 
 
 def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame, stats: dict, stage: str) -> None:
     cfg_json = cfg.model_dump_json()
-    bundled = bundles(spark, cfg, run_id, todo)
     prm = build_models(cfg).prm
     llm = isinstance(prm, LLMRole)
-    if llm:  # the join before dispatch
-        stats["ledger_rows_recovered"] = flush_journal(spark, cfg)  # answers a crashed run already paid for
-        if prm.mc.batch:  # the missing requests go out as provider batches from here, then land in the ledger
-            def plan() -> DataFrame:
-                cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
-                return map_batches(bundles(spark, cfg, run_id, todo, extra=cached),
-                                   lambda rows: plan_rows(cfg_json, stage, run_id, rows), PLANNED)
-
-            stats.update(run_batches(spark, cfg, stage=stage, run_id=run_id, role=prm, plan=plan))
-        cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
-        bundled = bundles(spark, cfg, run_id, todo, extra=cached)
+    bundled = ledger_bundles(spark, cfg, run_id, todo, prm, stage, stats,
+                             lambda rows: hash_rows(cfg_json, rows),
+                             lambda rows: plan_rows(cfg_json, stage, run_id, rows))
     out = map_batches(bundled, lambda rows: score_rows(cfg_json, stage, run_id, rows), SCORED)
     try:
         # the model calls happen here, exactly once; the MERGE reads the materialized rows

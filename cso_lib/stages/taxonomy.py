@@ -21,22 +21,22 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
+from cso_lib.batch_mode import planned_rows
 from cso_lib.config import Config
 from cso_lib.delta_io import merge, read_table, stage_run
 from cso_lib.ledger import flush_journal
 from cso_lib.llm_models import LLMRole
-from cso_lib.messages import iter_states
 from cso_lib.models import TaxonomyRequest, build_models, get_models
 from cso_lib.progress import StageProgress
 from cso_lib.stages.build_pairs import TAXONOMY_COLUMNS
 from cso_lib.stages.common import (
-    bundles,
-    ledger_cache,
-    ledger_context,
+    hash_rows_of,
+    ledger_bundles,
     map_batches,
     materialize,
-    parse_bundle,
     resolve_run_id,
+    role_ledger,
+    todo_states,
     work_steps,
 )
 
@@ -57,37 +57,26 @@ CLASSIFIED = StructType(
 
 
 def _requests(rows: list[dict]) -> tuple[list[TaxonomyRequest], list[int]]:
-    """A batch's requests, trajectory by trajectory, steps in order; todo rows carry step_idx, alt_idx, chosen."""
+    """A batch's requests (`todo_states` order); todo rows carry step_idx, alt_idx, chosen."""
     requests, alt_idxs = [], []
-    for row in rows:
-        preamble, steps, tools, todo = parse_bundle(row)
-        by_step: dict[int, list[dict]] = {}
-        for item in todo:
-            by_step.setdefault(item["step_idx"], []).append(item)
-        for t, state in iter_states(preamble, steps):
-            for item in sorted(by_step.get(t, []), key=lambda i: i["alt_idx"]):
-                requests.append(TaxonomyRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools,
-                                                rejected=steps[t][0], chosen=orjson.loads(item["chosen"])))
-                alt_idxs.append(item["alt_idx"])
+    for row, t, state, steps, tools, item in todo_states(rows):
+        requests.append(TaxonomyRequest(row["trajectory_id"], row["task_id"], row["env"], t, list(state), tools,
+                                        rejected=steps[t][0], chosen=orjson.loads(item["chosen"])))
+        alt_idxs.append(item["alt_idx"])
     return requests, alt_idxs
 
 
 def hash_rows(cfg_json: str, rows: list[dict]) -> list[dict]:
     judge = get_models(cfg_json).judge
     requests, _ = _requests(rows)
-    return [{"trajectory_id": r.trajectory_id, "request_hash": h}
-            for r, hashes in zip(requests, judge.all_hashes(requests), strict=True) for h in hashes]
+    return hash_rows_of(requests, judge.all_hashes(requests))
 
 
 def classify_rows(cfg_json: str, run_id: str, rows: list[dict]) -> list[dict]:
     judge = get_models(cfg_json).judge
     requests, alt_idxs = _requests(rows)
-    ctx = ledger_context(cfg_json, "taxonomy", run_id, rows) if judge.records_calls else None
-    try:
+    with role_ledger(cfg_json, "taxonomy", run_id, rows, judge) as ctx:
         categories = judge.classify(requests, ctx)
-    finally:
-        if ctx is not None and ctx.journal is not None:
-            ctx.journal.close()
     return [
         {
             "trajectory_id": r.trajectory_id,
@@ -101,6 +90,15 @@ def classify_rows(cfg_json: str, run_id: str, rows: list[dict]) -> list[dict]:
         }
         for r, a, c in zip(requests, alt_idxs, categories, strict=True)
     ]
+
+
+def plan_rows(cfg_json: str, run_id: str, rows: list[dict]) -> list[dict]:
+    """Batch mode: the judge requests the executor pass would send now, after the ledger join (none sent)."""
+    judge = get_models(cfg_json).judge
+    requests, _ = _requests(rows)
+    with role_ledger(cfg_json, "taxonomy", run_id, rows, judge, defer=True) as ctx:
+        judge.classify(requests, ctx)
+    return planned_rows(ctx, judge.client.provider)
 
 
 def run(cfg: Config, spark: SparkSession) -> dict:
@@ -118,12 +116,9 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         stats["rows_in"] = todo.count()
         stats["judge"] = judge.name
         cfg_json = cfg.model_dump_json()
-        bundled = bundles(spark, cfg, run_id, todo)
         try:
-            if llm:  # the join before dispatch
-                stats["ledger_rows_recovered"] = flush_journal(spark, cfg)
-                cached = ledger_cache(spark, cfg, bundled, lambda rows: hash_rows(cfg_json, rows))
-                bundled = bundles(spark, cfg, run_id, todo, extra=cached)
+            bundled = ledger_bundles(spark, cfg, run_id, todo, judge, "taxonomy", stats,
+                                     lambda rows: hash_rows(cfg_json, rows), lambda rows: plan_rows(cfg_json, run_id, rows))
             out = map_batches(bundled, lambda rows: classify_rows(cfg_json, run_id, rows), CLASSIFIED)
             with StageProgress(cfg.journal_path, "taxonomy") if llm else nullcontext():
                 out = materialize(out)  # the judge is asked here, exactly once
