@@ -13,9 +13,9 @@ rows to move from Python to the JVM, to cache and to write, and each table reads
 `load` runs on the staging DataFrame persisted once (the Python pass runs once):
 1. one aggregation counts the kinds, the steps and the distinct trajectory ids;
 2. verdicts per `t` row: new / present / duplicate (of an earlier row of this batch) / conflict (with the
-   table). When no id occurs twice in the batch and none is in `trajectories` (one semi-join: the first
-   ingest, or new logs), every row is new and the verdict pass (a window, a join, a semi-join per table)
-   is skipped;
+   table). When no id occurs twice in the batch and none is in `trajectories` (the first ingest: the table
+   has no data files in its Delta metadata; or new logs: one semi-join), every row is new and the verdict
+   pass (a window, a join, a semi-join per table) is skipped;
 3. quarantine is MERGEd (when not empty), then steps, then trajectories are written with
    delta_io.insert_new (the trajectory row last, so a crash between the two is repaired by the rerun):
    an append of the rows whose keys the table lacks, not blind (it reads the table in its transaction),
@@ -29,6 +29,7 @@ from operator import attrgetter
 from typing import Any
 
 import pyarrow as pa
+from delta.tables import DeltaTable
 from pyspark import StorageLevel, TaskContext
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -36,7 +37,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from cso_lib.config import Config
-from cso_lib.delta_io import insert_new, merge, now, read_table
+from cso_lib.delta_io import ensure_table, insert_new, merge, now, read_table
 from cso_lib.ingest import Trajectory
 from schemas.tables import TRAJECTORIES
 
@@ -206,6 +207,16 @@ def _verdicts(spark: SparkSession, cfg: Config, trajectories: DataFrame) -> Data
     )
 
 
+def _none_ingested(spark: SparkSession, cfg: Config, trajectories: DataFrame) -> bool:
+    """No id of `trajectories` is in the `trajectories` table. An empty table (the first ingest) is told from
+    its Delta metadata (no data files), without the semi-join that would scan the batch's ids."""
+    path = ensure_table(spark, cfg, "trajectories")
+    if DeltaTable.forPath(spark, path).detail().select("numFiles").first()[0] == 0:
+        return True
+    existing = read_table(spark, cfg, "trajectories").select("trajectory_id")
+    return trajectories.join(existing, "trajectory_id", "left_semi").isEmpty()
+
+
 def load(spark: SparkSession, cfg: Config, run_id: str, staged: DataFrame) -> dict[str, int]:
     """Write the staged rows of one batch; stats (read, accepted, new, already_present, quarantined, ...)."""
     cached = [staged.persist(StorageLevel.MEMORY_AND_DISK)]
@@ -230,8 +241,7 @@ def _load(spark: SparkSession, cfg: Config, run_id: str, cached: list[DataFrame]
     steps = staged.filter(F.col("kind") == STEP)
     stamp = now()
 
-    existing = read_table(spark, cfg, "trajectories").select("trajectory_id")
-    if totals["ids"] == ok and trajectories.join(existing, "trajectory_id", "left_semi").isEmpty():
+    if totals["ids"] == ok and _none_ingested(spark, cfg, trajectories):
         # No id twice in the batch nor already in the table (the first ingest): every record is new.
         counts, steps_new, rejected = {"new": ok}, totals["steps"], None
         new, new_steps = trajectories, steps
