@@ -1,6 +1,6 @@
 """Baseline datasets (Step-DPO, ETO, RFT): the pure builders, then one pipeline run's Parquet outputs.
 
-The Spark part builds one small warehouse per module: the simulation pipeline (20 tasks) plus the
+The Spark part takes its copy of the session's simulated pipeline run (tests/conftest.py, 40 tasks) plus the
 tau-bench sample ingested next to it (ETO's logged pairs need tasks with both a success and a failure,
 which the simulation, one trajectory per task, never has), then runs the baselines stage once.
 """
@@ -70,18 +70,21 @@ def test_branch_conversation_and_eto_pair_from_a_rollout():
 
 # ---- Spark -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def built(spark, tmp_path_factory):
-    from cso_lib.config import load_config
-    from cso_lib.stages import baselines, ingest, pipeline
+def built(spark, sim_pipeline):
+    from cso_lib.stages import baselines, ingest
 
-    base = tmp_path_factory.mktemp("baselines")
-    overrides = ["spark.shuffle_partitions=2", f"storage.warehouse={base / 'warehouse'}",
-                 f"sim.logs_dir={base / 'sim_logs'}", "sim.n_tasks=20"]
-    cfg = load_config(None, overrides)
-    pipeline.run(cfg, spark)
+    cfg, _, _ = sim_pipeline  # the session's simulated pipeline run (tests/conftest.py), this module's copy
+
+    def fresh(**ingest_fields):
+        c = cfg.model_copy(deep=True)
+        c.run_id = None
+        for name, value in ingest_fields.items():
+            setattr(c.ingest, name, value)
+        return c
+
     if TAU.exists():
-        ingest.run(load_config(None, [*overrides, f"ingest.paths=[{TAU}]"]), spark)
-    stats = baselines.run(load_config(None, overrides), spark)
+        ingest.run(fresh(paths=[str(TAU)]), spark)
+    stats = baselines.run(fresh(), spark)
     return cfg, stats
 
 

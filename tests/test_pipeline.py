@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from cso_lib.config import load_config
 from cso_lib.delta_io import read_table
 from cso_lib.messages import state_at
 from cso_lib.stages import build_pairs, pipeline, select
@@ -19,13 +18,9 @@ MODEL_TABLES = ["trajectories", "steps", "prm_scores", "expert_alternatives", "b
 
 
 @pytest.fixture(scope="module")
-def run(spark, tmp_path_factory):
-    base = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(None, [
-        "spark.shuffle_partitions=2", f"storage.warehouse={base / 'wh'}", f"sim.logs_dir={base / 'logs'}",
-        "sim.n_tasks=40", "sim.n_entities=80", "sim.policy_error_rate=0.3",
-    ])
-    result = pipeline.run(cfg, spark)
+def run(sim_pipeline):
+    """The session's simulated pipeline run (tests/conftest.py: 40 tasks), this module's own copy."""
+    cfg, result, _ = sim_pipeline
     return cfg, result
 
 

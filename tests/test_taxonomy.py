@@ -172,18 +172,13 @@ def test_llm_judge_parses_strictly_retries_and_records_unclassified():
 
 # ---- the stage, on Spark + Delta ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sim_run(spark, tmp_path_factory):
-    """A small simulated pipeline with the sim's calls recorded; what the tests check is collected at once."""
-    from cso_lib.config import load_config
+def sim_run(spark, sim_pipeline):
+    """The session's simulated pipeline, whose sim calls are recorded (tests/conftest.py), this module's copy;
+    what the tests check is collected at once."""
     from cso_lib.delta_io import read_table
-    from cso_lib.stages import pipeline
 
-    base = tmp_path_factory.mktemp("taxonomy")
-    cfg = load_config(None, [
-        "spark.shuffle_partitions=2", f"storage.warehouse={base / 'wh'}", f"sim.logs_dir={base / 'logs'}",
-        "sim.n_tasks=24", "sim.n_entities=60", "sim.policy_error_rate=0.35", "sim.record_calls=true",
-    ])
-    result = pipeline.run(cfg, spark)
+    cfg, result, _ = sim_pipeline
+    assert cfg.sim.record_calls
     table = lambda name: read_table(spark, cfg, name)  # noqa: E731
     return {
         "cfg": cfg,

@@ -1,6 +1,6 @@
 """From the pipeline's pairs to a trained policy: TRL round trip, DPO on the CPU, LoRA, the exports, evaluation.
 
-One small simulated pipeline run (with the export stage) is shared by the module; the tiny local chat model
+The session's simulated pipeline run (with the export stage, tests/conftest.py) is copied for the module; the tiny local chat model
 (cso_lib.tiny_model) is the policy that is trained.
 """
 
@@ -16,7 +16,7 @@ from cso_lib.config import load_config
 from cso_lib.delta_io import read_table
 from cso_lib.errors import TrainError
 from cso_lib.ingest import convert
-from cso_lib.stages import evaluate, pipeline
+from cso_lib.stages import evaluate
 from cso_lib.stages.export import round_dir, sibling_path
 from cso_lib.train import load_pairs, pair_files, train
 
@@ -24,14 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def mined(spark, tmp_path_factory):
-    base = tmp_path_factory.mktemp("dpo")
-    cfg = load_config(None, [
-        "spark.shuffle_partitions=2", f"storage.warehouse={base / 'wh'}", f"sim.logs_dir={base / 'logs'}",
-        "sim.n_tasks=40", "sim.n_entities=80", "sim.policy_error_rate=0.3",
-    ])
-    result = pipeline.run(cfg, spark, exports=True)
-    assert result["summary"]["pairs"] >= 6
+def mined(sim_pipeline):
+    """The session's simulated pipeline run with exports (tests/conftest.py: 40 tasks), this module's copy."""
+    cfg, result, base = sim_pipeline
+    assert result["summary"]["pairs"] >= 6 and "export" in result
     return cfg, result, base
 
 
