@@ -44,6 +44,9 @@ def base_conf(cfg: Config) -> dict[str, str]:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         conf["spark.driver.host"] = "127.0.0.1"
+        # Delta's VACUUM lists the table in this many tasks (default 10000, sized for clusters): on local[2]
+        # that is ~10000 empty tasks per VACUUM, minutes for a small table instead of seconds.
+        conf["spark.sql.sources.parallelPartitionDiscovery.parallelism"] = str(cfg.spark.shuffle_partitions)
     conf.update(cfg.spark.conf)
     return conf
 
