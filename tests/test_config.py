@@ -52,3 +52,15 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.storage.warehouse == str(tmp_path / "rel" / "wh") and cfg.storage.pairs_path == str(tmp_path / "out" / "pairs")
     assert cfg.journal_path == str(tmp_path / "rel" / "wh" / "_llm_journal")
     assert load_config(None, ["storage.warehouse=s3a://bucket/wh"]).storage.table("steps") == "s3a://bucket/wh/steps"
+
+
+def test_local_sessions_list_files_in_few_tasks_clusters_keep_sparks_default():
+    from cso_lib.spark import base_conf
+
+    key = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+    local = base_conf(load_config(None, ["spark.master=local[2]", "spark.shuffle_partitions=3"]))
+    assert local[key] == "3"
+    assert key not in base_conf(load_config(None, ["spark.master=spark://127.0.0.1:7077"]))
+    overridden = load_config(None, ["spark.master=local[2]"])
+    overridden.spark.conf[key] = "64"
+    assert base_conf(overridden)[key] == "64"
