@@ -215,6 +215,12 @@ class HousekeepingConfig(_Section):
         description="Z-order columns per table: the columns analysts and the stages filter and join on.",
     )
     vacuum: bool = Field(True, description="VACUUM files no longer referenced and older than the retention.")
+    staging_retain_hours: float = Field(
+        24.0,
+        ge=0,
+        description="Delete ingest staging folders (`storage.staging_dir`) left by an ingest that was killed, once "
+        "older than this (a finished or failed ingest deletes its own). Keep it longer than an ingest can run.",
+    )
     retain_hours: float = Field(
         168.0,
         ge=0,

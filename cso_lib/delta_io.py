@@ -34,7 +34,22 @@ CONCURRENT_WRITE_ERRORS = (
     MetadataChangedException,
 )
 
-TABLE_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+TABLE_PROPERTIES = {"delta.enableChangeDataFeed": "true"}  # every table
+# Per table: data-skipping statistics only on the columns queries filter and join on. `steps` and
+# `trajectories` hold long JSON texts (actions, observations, preambles, tool specs) whose min/max are useless
+# for skipping and cost a pass over every value at each write.
+TABLE_EXTRA_PROPERTIES = {
+    "steps": {"delta.dataSkippingStatsColumns": "trajectory_id,step_idx,action_tool,ingest_run_id"},
+    "trajectories": {
+        "delta.dataSkippingStatsColumns": "trajectory_id,task_id,outcome,reward,policy_model,policy_version,env,"
+        "round,n_steps,input_format,ingest_run_id,ingested_at"
+    },
+}
+
+
+def table_properties(name: str) -> dict[str, str]:
+    """The properties a cso table carries: TABLE_PROPERTIES and its own TABLE_EXTRA_PROPERTIES."""
+    return {**TABLE_PROPERTIES, **TABLE_EXTRA_PROPERTIES.get(name, {})}
 
 
 def table_path(cfg: Config, name: str) -> str:
@@ -50,7 +65,7 @@ def ensure_table(spark: SparkSession, cfg: Config, name: str) -> str:
     if key in _ENSURED:
         return path
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(TABLES[name])
-    for prop, value in TABLE_PROPERTIES.items():
+    for prop, value in table_properties(name).items():
         builder = builder.property(prop, value)
     builder.execute()
     _ENSURED.add(key)

@@ -1,7 +1,10 @@
 """Incremental runs (the high-water mark in `runs`, read through Delta's change data feed), reruns after a
 failure, Delta housekeeping, and two writers MERGing into one table at once."""
 
+import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from delta.tables import DeltaTable
@@ -100,6 +103,13 @@ def test_housekeeping_compacts_zorders_vacuums_and_sets_properties(spark, scenar
     cfg = make("hk-1")
     path = cfg.storage.table("work_set")
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableChangeDataFeed' = 'false')")
+    steps_path = cfg.storage.table("steps")  # a table made before steps collected key statistics only
+    spark.sql(f"ALTER TABLE delta.`{steps_path}` UNSET TBLPROPERTIES ('delta.dataSkippingStatsColumns')")
+    staging = Path(cfg.storage.staging_path)  # what a killed ingest left, and a running ingest's folder
+    for name, age_hours in (("ingest-killed-run", 30), ("ingest-running-now", 0)):
+        (staging / name / "s").mkdir(parents=True)
+        stamp = time.time() - age_hours * 3600
+        os.utime(staging / name, (stamp, stamp))
     before = {n: read_table(spark, cfg, n).count() for n in ("trajectories", "steps", "work_set")}
     cfg.housekeeping.tables = ["trajectories", "steps", "work_set"]
     cfg.housekeeping.retain_hours = 0
@@ -109,7 +119,10 @@ def test_housekeeping_compacts_zorders_vacuums_and_sets_properties(spark, scenar
     result = housekeeping.run(cfg, spark)
     t = result["tables"]
     assert t["work_set"]["properties_set"] == ["delta.enableChangeDataFeed"]
-    assert t["steps"]["properties_set"] == []
+    assert t["steps"]["properties_set"] == ["delta.dataSkippingStatsColumns"]
+    assert t["trajectories"]["properties_set"] == []
+    assert [Path(p).name for p in result["staging_removed"]] == ["ingest-killed-run"]
+    assert sorted(p.name for p in staging.iterdir()) == ["ingest-running-now"]
     assert t["steps"]["files_before"] > t["steps"]["files_after"] == 1  # three ingests' files, compacted
     assert t["steps"]["files_deleted"] > 0
     history = DeltaTable.forPath(spark, cfg.storage.table("trajectories")).history()

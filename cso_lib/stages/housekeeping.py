@@ -5,16 +5,20 @@ Run it on a schedule of its own (e.g. daily after the pipeline, or weekly):
     cso housekeeping [--set housekeeping.retain_hours=336] [--set 'housekeeping.tables=[steps]']
     spark-submit jobs/housekeeping.py --config infra/cluster.example.yaml
 
-Per table it (1) sets the properties every cso table should carry (`delta_io.TABLE_PROPERTIES`, e.g. the
+Per table it (1) sets the properties every cso table should carry (`delta_io.table_properties`, e.g. the
 change data feed that incremental runs read) where a table lacks them, (2) compacts small files, Z-ordered
 by `housekeeping.zorder[table]`, and (3) removes files no longer referenced and older than
-`housekeeping.retain_hours`. OPTIMIZE commits change no data, so the pipeline may run meanwhile; Delta's
+`housekeeping.retain_hours`. It also deletes the staging folders of ingests that were killed before they
+could delete their own (older than `housekeeping.staging_retain_hours`). OPTIMIZE commits change no data, so the pipeline may run meanwhile; Delta's
 concurrent-write conflicts are retried on either side. Keep the retention longer than the time between
 incremental runs: they read the change feed since the last successful run.
 """
 
 from __future__ import annotations
 
+import time
+
+import pyarrow.fs as pafs
 from delta.exceptions import ConcurrentDeleteDeleteException
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
@@ -22,8 +26,9 @@ from pyspark.sql import functions as F
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from cso_lib.config import Config
-from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, TABLE_PROPERTIES, ensure_table, new_run_id, stage_run
+from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, ensure_table, new_run_id, stage_run, table_properties
 from cso_lib.errors import ConfigError
+from cso_lib.stages.ingest_load import filesystem
 from schemas.tables import TABLES
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
@@ -60,10 +65,10 @@ def _files(table: DeltaTable) -> int:
     return table.detail().select("numFiles").first()["numFiles"]
 
 
-def _set_properties(spark: SparkSession, table: DeltaTable, path: str) -> list[str]:
-    """Set the TABLE_PROPERTIES a table lacks (older tables); returns their names."""
+def _set_properties(spark: SparkSession, table: DeltaTable, path: str, name: str) -> list[str]:
+    """Set the table properties a table lacks (older tables); returns their names."""
     have = table.detail().select("properties").first()["properties"] or {}
-    missing = {k: v for k, v in TABLE_PROPERTIES.items() if have.get(k) != v}
+    missing = {k: v for k, v in table_properties(name).items() if have.get(k) != v}
     if missing:
         assignments = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
         _retry_conflicts(spark.sql)(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})")
@@ -91,6 +96,27 @@ def _vacuum(table: DeltaTable, hours: float) -> int:
     return int((end["operationMetrics"] or {}).get("numDeletedFiles", 0)) if end else 0
 
 
+def clean_staging(cfg: Config, now: float | None = None) -> list[str]:
+    """Delete the `ingest-*` folders in `storage.staging_dir` older than `housekeeping.staging_retain_hours`
+    (by modification time); their paths. A finished or failed ingest deletes its own folder; these are what a
+    killed one left."""
+    fs, root = filesystem(cfg.storage.staging_path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    cutoff = (time.time() if now is None else now) - cfg.housekeeping.staging_retain_hours * 3600
+    stale = [
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(root))
+        if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("ingest-")
+        and info.mtime is not None
+        and info.mtime.timestamp() < cutoff
+    ]
+    for path in stale:
+        fs.delete_dir(path)
+    return sorted(stale)
+
+
 def run(cfg: Config, spark: SparkSession) -> dict:
     """Maintain every table (or `housekeeping.tables`); stats per table: properties set, files before/after."""
     hk = cfg.housekeeping
@@ -106,7 +132,7 @@ def run(cfg: Config, spark: SparkSession) -> dict:
                 path = ensure_table(spark, cfg, name)
                 table = DeltaTable.forPath(spark, path)
                 spark.sparkContext.setJobDescription(f"cso housekeeping {name} ({run_id})")
-                out = {"properties_set": _set_properties(spark, table, path), "files_before": _files(table)}
+                out = {"properties_set": _set_properties(spark, table, path, name), "files_before": _files(table)}
                 if hk.optimize:
                     out["zorder"] = hk.zorder.get(name, [])
                     out.update(_optimize(table, out["zorder"]))
@@ -117,6 +143,7 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         finally:
             spark.conf.set(RETENTION_CHECK, previous)
         stats["tables"] = tables
+        stats["staging_removed"] = clean_staging(cfg)
         stats["rows_in"] = sum(t["files_before"] for t in tables.values())  # files, not rows, for this stage
         stats["rows_out"] = sum(t["files_after"] for t in tables.values())
     return {"run_id": run_id, **stats}

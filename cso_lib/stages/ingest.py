@@ -3,20 +3,22 @@
 
 One pass parses: the driver lists the input and cuts it into byte splits of about `ingest.split_bytes`
 (a JSON-array file is one split); `mapInArrow` reads each split on an executor, aligned to line boundaries,
-and turns every record into staging rows (trajectory + steps, or quarantined + reason) with
-cso_lib.ingest. The staging rows are flat (one per trajectory, per step, per quarantined record; see
-cso_lib.stages.ingest_load) and persisted once; then verdicts decide, per ok row, new / already present /
-duplicate in this batch / conflicting with an ingested trajectory of the same id (skipped on a first ingest
-without duplicate ids), and insert-only writes fill quarantine, steps, then trajectories (the trajectory row
-last, so a crash between the two is repaired by the rerun). Re-ingesting the same input adds nothing.
-Counts reconcile: read = accepted + quarantined, accepted = new + already_present.
+turns every record into staging rows (trajectory + steps, or quarantined + reason) with cso_lib.ingest and
+writes them to Parquet staging files itself (see cso_lib.stages.ingest_load); only the file names come back.
+Then verdicts decide, per ok row, new / already present / duplicate in this batch / conflicting with an
+ingested trajectory of the same id (skipped on a first ingest without duplicate ids), and insert-only writes
+fill quarantine, steps, then trajectories (the trajectory row last, so a crash between the two is repaired
+by the rerun). Re-ingesting the same input adds nothing. Counts reconcile: read = accepted + quarantined,
+accepted = new + already_present.
 
-Files are opened with pyarrow.fs, so paths may be local or URIs pyarrow understands (s3://, gs://, hdfs://).
+Files are opened and staging files written with pyarrow.fs, so input paths and `storage.staging_dir` may be
+local or URIs pyarrow understands (s3:// or s3a://, gs://, hdfs://); Spark reads the staging files back.
 """
 
 from __future__ import annotations
 
 import io
+import secrets
 from collections.abc import Iterator
 from functools import partial
 from typing import BinaryIO
@@ -32,8 +34,8 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from cso_lib.config import Config
 from cso_lib.delta_io import new_run_id, stage_run
 from cso_lib.errors import InputError, RecordError
-from cso_lib.ingest import RAW_HEAD_BYTES, convert, iter_jsonl, load, raw_head, record_id
-from cso_lib.stages.ingest_load import STAGING, Staging
+from cso_lib.ingest import RAW_HEAD_BYTES, convert, fast_native, iter_jsonl, load, raw_head, record_id
+from cso_lib.stages.ingest_load import FILES, Staging, filesystem
 from cso_lib.stages.ingest_load import load as load_staged
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -46,14 +48,8 @@ SPLITS = StructType(
     ]
 )
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def _open(path: str) -> BinaryIO:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     return io.BufferedReader(fs.open_input_file(p), buffer_size=1 << 20)
 
 
@@ -62,13 +58,17 @@ def _stage_record(
 ) -> None:
     record = None
     try:
+        fast = fast_native(data, env) if size <= max_bytes else None
+        if fast is not None:
+            out.ok(source, locator, ordinal, fast, size)
+            return
         record = load(data, size, max_bytes)
         out.ok(source, locator, ordinal, convert(record, env), size)
     except RecordError as e:
         out.bad(source, locator, ordinal, str(e), raw_head(data), record_id(record))
 
 
-def _array_records(out: Staging, path: str, max_bytes: int, env: str) -> Iterator[pa.RecordBatch]:
+def _array_records(out: Staging, path: str, max_bytes: int, env: str) -> None:
     with _open(path) as f:
         text = f.read()
     try:
@@ -85,35 +85,36 @@ def _array_records(out: Staging, path: str, max_bytes: int, env: str) -> Iterato
         except RecordError as e:
             out.bad(path, f"[{i}]", i, str(e), raw_head(data), record_id(record))
         if out.full:
-            yield out.flush()
+            out.flush()
 
 
-def read_splits(batches: Iterator[pa.RecordBatch], max_bytes: int, env: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: SPLITS rows -> STAGING rows, one per record found in each split."""
-    out = Staging()
+def read_splits(
+    batches: Iterator[pa.RecordBatch], max_bytes: int, env: str, staging: str
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow: SPLITS rows -> staging files of every record found in each split; FILES rows."""
+    out = Staging(staging)
     for batch in batches:
         for path, start, end, kind in zip(*batch.to_pydict().values(), strict=True):
             if kind == "array":
-                yield from _array_records(out, path, max_bytes, env)
+                _array_records(out, path, max_bytes, env)
                 continue
             with _open(path) as f:
                 for raw in iter_jsonl(f, start, end, max_bytes):
                     locator = f"line {raw.line}" if raw.line is not None else f"byte {raw.offset}"
                     _stage_record(out, path, locator, raw.offset, raw.data, raw.size, max_bytes, env)
                     if out.full:
-                        yield out.flush()
-    if len(out):
-        yield out.flush()
+                        out.flush()
+    yield out.close()
 
 
 def convert_rows(
-    batches: Iterator[pa.RecordBatch], source: str, max_bytes: int, env: str
+    batches: Iterator[pa.RecordBatch], source: str, max_bytes: int, env: str, staging: str
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: rows (raw, name, block) of a Delta table of raw logs -> STAGING rows.
+    """mapInArrow: rows (raw, name, block) of a Delta table of raw logs -> staging files; FILES rows.
 
     Without an id column a record is located by its Parquet file, the file's block, and its row there.
     """
-    out = Staging()
+    out = Staging(staging)
     seen: dict[tuple[str, int], int] = {}
     for batch in batches:
         for raw, name, block in zip(*batch.to_pydict().values(), strict=True):
@@ -126,16 +127,15 @@ def convert_rows(
             data = (raw or "").encode()
             _stage_record(out, source, locator, ordinal, data, len(data), max_bytes, env)
             if out.full:
-                yield out.flush()
-    if len(out):
-        yield out.flush()
+                out.flush()
+    yield out.close()
 
 
 def list_files(paths: list[str]) -> list[tuple[str, int]]:
     """(path, size) of every input file: the files named, and the log files directly inside folders."""
     found: dict[str, int] = {}
     for path in paths:
-        fs, p = _fs(path)
+        fs, p = filesystem(path)
         info = fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"ingest input {path!r} does not exist")
@@ -162,15 +162,17 @@ def plan_splits(files: list[tuple[str, int]], split_bytes: int) -> list[tuple[st
     return splits
 
 
-def _from_files(cfg: Config, spark: SparkSession) -> DataFrame:
+def _from_files(cfg: Config, spark: SparkSession, staging: str) -> DataFrame:
     paths = cfg.ingest.paths or [cfg.sim_logs_dir]
     splits = plan_splits(list_files(paths), cfg.ingest.split_bytes)
-    rdd = spark.sparkContext.parallelize(splits, max(len(splits), 1))  # one split per task
-    fn = partial(read_splits, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env)
-    return spark.createDataFrame(rdd, SPLITS).mapInArrow(fn, STAGING)
+    # One split per task. Local rows, dealt round-robin: no Python RDD (whose conversion runs a Python worker
+    # of its own beside the one of mapInArrow).
+    planned = spark.createDataFrame(splits, SPLITS).repartition(max(len(splits), 1))
+    fn = partial(read_splits, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env, staging=staging)
+    return planned.mapInArrow(fn, FILES)
 
 
-def _from_table(cfg: Config, spark: SparkSession) -> DataFrame:
+def _from_table(cfg: Config, spark: SparkSession, staging: str) -> DataFrame:
     path = cfg.ingest.source_table
     if not DeltaTable.isDeltaTable(spark, path):
         raise InputError(f"ingest.source_table {path!r} is not a Delta table (or does not exist)")
@@ -191,15 +193,24 @@ def _from_table(cfg: Config, spark: SparkSession) -> DataFrame:
             F.col("_metadata.file_name").alias("name"),
             F.col("_metadata.file_block_start").alias("block"),
         )
-    fn = partial(convert_rows, source=path, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env)
-    return located.mapInArrow(fn, STAGING)
+    fn = partial(
+        convert_rows, source=path, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env,
+        staging=staging,
+    )
+    return located.mapInArrow(fn, FILES)
 
 
 def run(cfg: Config, spark: SparkSession) -> dict:
     """Ingest the configured raw logs; stats (read, accepted, new, already_present, quarantined, ...)."""
     run_id = cfg.run_id or new_run_id("ingest")
+    staging = f"{cfg.storage.staging_path.rstrip('/')}/ingest-{run_id}-{secrets.token_hex(4)}"
+    fs, root = filesystem(staging)
     with stage_run(spark, cfg, run_id, "ingest") as stats:
         stats["run_id"] = run_id
-        source = _from_table(cfg, spark) if cfg.ingest.source_table else _from_files(cfg, spark)
-        stats.update(load_staged(spark, cfg, run_id, source))
+        try:
+            source = _from_table(cfg, spark, staging) if cfg.ingest.source_table else _from_files(cfg, spark, staging)
+            stats.update(load_staged(spark, cfg, run_id, source.collect()))
+        finally:
+            if fs.get_file_info(root).type != pafs.FileType.NotFound:
+                fs.delete_dir(root)
     return stats
