@@ -1,26 +1,35 @@
 """The paper's table at CPU scale (issue 8): does CSO, run through this pipeline, beat the baselines?
 
 SIMULATION world (multi-hop look-ups, cso_lib.sim.world, compact prompt: cso_lib.experiment.tasks), REAL
-models and training: the policy is the tiny Qwen2 of cso_lib.tiny_model (random init, its own BPE tokenizer),
-SFT'd here on the world solver's demonstrations; the expert is the world's solver with set noise (SimExpert,
-`sim.expert_quality`); the PRM is the world's noisy scorer (SimPRM, `sim.prm_noise`). Per seed:
+models and training: the policy is the tiny Qwen2 of cso_lib.tiny_model (random init, its own tokenizer in which
+every entity id, name, value and attribute of the world is one token), SFT'd here on the world solver's
+demonstrations; the expert is the world's solver with set noise (SimExpert, `sim.expert_quality`); the PRM is
+the world's noisy scorer (SimPRM, `sim.prm_noise`). Task sets (disjoint): SFT demonstrations, a validation set,
+the train tasks that are run and mined, held-out tasks (cso_lib.experiment.tasks.experiment_splits).
 
-1. SFT: the tiny model on solver demonstrations of the train tasks (few steps: a middling policy, pi0).
-2. pi0 runs every train task `samples_per_task` times (sampling) -> native JSONL logs.
+1. pi0: SFT of the tiny model on the demonstrations (ids and answers relabelled at random per conversation,
+   `sft_relabel`, so that the model learns to copy them from observations instead of memorising the train
+   facts; see tasks.relabel), evaluated (greedy) on the VALIDATION tasks every
+   `sft_eval_every` steps; training stops at the first checkpoint whose validation success reaches
+   `pi0_target`, and pi0 is whichever of that checkpoint and the one before is closer to the target. The
+   held-out tasks play no part in it. Shared by every seed unless `sft_per_seed`.
+2. Per seed, pi0 runs every train task `samples_per_task` times (sampling) -> native JSONL logs.
 3. The real pipeline (Spark + Delta: ingest, select, score_policy, propose, score_alternatives, rollouts with
    the policy in-process through `policy.provider=transformers`, build_pairs) in the paper's order, then the
    "w/o verification" pairs over the same scores and the baseline datasets (`cso baselines`: Step-DPO, ETO,
-   RFT); "w/o PRM" (`cso.use_prm=false`) in a second warehouse.
+   RFT); "w/o PRM" (`cso.use_prm=false`) over the same warehouse.
 4. Training from pi0: RFT (SFT on the successful logs), DPO (TRL) on ETO, Step-DPO, CSO, CSO w/o verification,
    CSO w/o PRM pairs. CSO round 2: the CSO model runs the train tasks again, the pipeline mines round 1, DPO
    from it with itself as the reference.
-5. Held-out success (greedy) of every model, with a Wilson interval per seed and a t interval over seeds.
+5. Held-out success (greedy) of every model, with a Wilson interval per seed and a t interval over seeds (and
+   the validation success of every model, for tuning without looking at the held-out tasks).
 
     .venv/bin/python bench/paper_table.py --small             # quick setting, 1 seed
     .venv/bin/python bench/paper_table.py --seeds 0 1 2       # the table (>= 3 seeds)
 
-Writes bench/results/paper_table.json (or `--out`); work files under .cache/paper_table/<setting>-<hash of the
-settings>/ (reused: a rerun with the same settings resumes after the last finished step of each seed).
+Writes bench/results/paper_table.json and .md (or `--out`); work files under .cache/paper_table/<setting>-<hash of
+the settings>/ (reused: a rerun with the same settings resumes after the last finished step of each seed, pi0
+included; `--fresh` starts cold).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import sys
 import time
@@ -61,17 +71,22 @@ class Settings:
     n_entities: int = 400
     min_hops: int = 1
     max_hops: int = 2
-    n_sft: int = 400  # train tasks [0, n_sft) give the SFT demonstrations; held-out tasks come after them
-    n_train: int = 200  # the first n_train train tasks are the ones the policy runs and the pipeline mines
-    n_test: int = 200
-    sft_steps: int = 2500  # NOT yet calibrated to a middling policy: 750 steps still gave 0% (docs/paper-table.md)
-    sft_schedule_steps: int = 2500  # cosine horizon (training may stop at sft_steps, before its end)
-    sft_batch: int = 8
+    n_sft: int = 2000  # tasks [0, n_sft) give the SFT demonstrations
+    n_val: int = 100  # validation tasks (pi0's step count is picked on these)
+    n_train: int = 200  # train tasks the policy runs and the pipeline mines
+    n_test: int = 200  # held-out tasks
+    sft_relabel: bool = True  # demonstrations with ids and answers relabelled at random (tasks.relabel)
+    init_std: float = 0.088  # random-init std (1/sqrt(hidden)): copying a rare one-token id needs a large embedding
+    sft_steps: int = 1200  # the most SFT steps; training stops earlier once validation reaches pi0_target
+    sft_schedule_steps: int = 1200  # cosine horizon (training may stop before its end)
+    sft_eval_every: int = 50  # a checkpoint and a validation evaluation every this many steps
+    pi0_target: float = 0.4  # validation success at which SFT stops (the middling band: 30-50%)
+    sft_batch: int = 16
     sft_lr: float = 3e-3
     sft_per_seed: bool = False  # False: one SFT model (seed 0) shared by every seed
     samples_per_task: int = 2
     temperature: float = 1.0  # sampling of logs and branch rollouts; evaluation is greedy
-    max_tokens: int = 64  # the longest solver action is ~50 tokens
+    max_tokens: int = 48  # the longest solver action is ~40 tokens with the world-token tokenizer
     max_steps: int = 6  # actions per episode
     max_steps_after_branch: int = 5
     k: int = 3
@@ -81,14 +96,15 @@ class Settings:
     dpo_epochs: float = 2.0
     dpo_lr: float = 5e-5
     dpo_batch: int = 8
+    dpo_sft_weight: float = 0.0  # > 0: DPO + that weight of NLL on the chosen completion (TRL loss "sft"), every method
     rft_steps: int = 60
     rft_lr: float = 3e-4
-    batch_size: int = 32  # generation batch
+    batch_size: int = 50  # generation batch
     threads: int = 2
 
 
 FULL = Settings()
-SMALL = replace(FULL, n_train=30, n_test=60, rft_steps=20)
+SMALL = replace(FULL, n_train=60, n_test=100, rft_steps=20)
 
 
 def log(msg: str) -> None:
@@ -98,6 +114,11 @@ def log(msg: str) -> None:
 def world_of(s: Settings) -> SimWorld:
     return SimWorld(seed=s.world_seed, n_tasks=s.n_sft, n_entities=s.n_entities, min_hops=s.min_hops,
                     max_hops=s.max_hops)
+
+
+def splits(s: Settings) -> dict[str, list[str]]:
+    """The four disjoint task sets: sft, val, mine (the train tasks run and mined), test (held-out)."""
+    return tasks.experiment_splits(world_of(s), s.n_sft, s.n_val, s.n_train, s.n_test)
 
 
 def policy(model_dir: Path, s: Settings, seed: int, temperature: float, threads: int):
@@ -113,36 +134,58 @@ def done(path: Path) -> bool:
 
 
 # ---- steps -------------------------------------------------------------------------------------------
-def split(s: Settings) -> tuple[list[str], list[str]]:
-    """(train tasks the policy runs and the pipeline mines, held-out tasks)."""
-    train, test = tasks.splits(world_of(s), s.n_sft, s.n_test)
-    return train[: s.n_train], test
-
-
-def sft_model(s: Settings, work: Path, seed: int) -> Path:
+def sft_model(s: Settings, work: Path, seed: int) -> tuple[Path, dict]:
+    """pi0 and its SFT record: trained on the demonstrations, stopped and picked on the validation tasks."""
     from cso_lib.experiment.train import sft
     from cso_lib.tiny_model import TinySpec, ensure_tiny_model
 
     seed = seed if s.sft_per_seed else 0
-    out = work / "models" / f"sft-seed{seed}-steps{s.sft_steps}-of{s.sft_schedule_steps}-lr{s.sft_lr}"
-    if not done(out):
-        init = ensure_tiny_model(work / "models" / f"init-seed{seed}", TinySpec(seed=seed))
-        world = world_of(s)
-        train, _ = tasks.splits(world, s.n_sft, s.n_test)
-        demos = [tasks.demonstration(world, t) for t in train]
-        log(f"SFT seed {seed}: {len(demos)} demonstrations, {s.sft_steps} steps")
-        r = sft(init, out, demos, steps=s.sft_steps, batch_size=s.sft_batch, lr=s.sft_lr, seed=seed,
-                threads=s.threads, schedule_steps=s.sft_schedule_steps)
-        (out / "sft.json").write_text(json.dumps({"final_loss": r["losses"][-5:], "seconds": r["seconds"]}))
-    return out
+    root = work / "models" / f"sft-seed{seed}"
+    pi0, record = root / "pi0", root / "sft.json"
+    if not (done(pi0) and record.exists()):
+        t0 = time.monotonic()
+        spec = TinySpec(seed=seed, world_tokens=(s.world_seed, s.n_entities), initializer_range=s.init_std)
+        init = ensure_tiny_model(root / "init", spec)
+        world, sp = world_of(s), splits(s)
+        demos = [tasks.demonstration(world, t) for t in sp["sft"]]
+        if s.sft_relabel:
+            rng = random.Random(seed)
+            demos = [tasks.relabel(world, t, d, rng) for t, d in zip(sp["sft"], demos, strict=True)]
+        curve: list[dict] = []
+
+        def on_save(step: int, ckpt: Path) -> bool:
+            ev = evaluate(s, ckpt, seed, sp["val"])
+            curve.append({"step": step, "val": ev["rate"], "path": str(ckpt)})
+            log(f"SFT seed {seed}: step {step}, validation success {ev['rate']:.2f} ({ev['successes']}/{ev['n']})")
+            return ev["rate"] >= s.pi0_target
+
+        log(f"SFT seed {seed}: {len(demos)} demonstrations, at most {s.sft_steps} steps, validation on "
+            f"{len(sp['val'])} tasks every {s.sft_eval_every} steps, target {s.pi0_target}")
+        r = sft(init, root / "train", demos, steps=s.sft_steps, batch_size=s.sft_batch, lr=s.sft_lr, seed=seed,
+                threads=s.threads, schedule_steps=s.sft_schedule_steps, save_every=s.sft_eval_every,
+                on_save=on_save, log_every=100)
+        if not curve or curve[-1]["step"] != r["steps"]:  # ran to sft_steps: the last model is a candidate too
+            on_save(r["steps"], root / "train")
+        last = curve[-2:]
+        pick = min(last, key=lambda c: abs(c["val"] - s.pi0_target)) if curve[-1]["val"] >= s.pi0_target \
+            else max(curve, key=lambda c: c["val"])
+        shutil.rmtree(pi0, ignore_errors=True)
+        shutil.copytree(pick["path"], pi0)
+        info = {"picked_step": pick["step"], "val_success": pick["val"], "n_val": len(sp["val"]),
+                "reached_target": curve[-1]["val"] >= s.pi0_target, "curve": [
+                    {k: c[k] for k in ("step", "val")} for c in curve],
+                "steps_trained": r["steps"], "demonstrations": len(demos),
+                "final_loss": r["losses"][-5:], "seconds": round(time.monotonic() - t0, 1)}
+        record.write_text(json.dumps(info, indent=2))
+        log(f"SFT seed {seed}: pi0 = step {pick['step']} (validation {pick['val']:.2f}), {info['seconds']:.0f}s")
+    return pi0, json.loads(record.read_text())
 
 
 def collect(s: Settings, model: Path, seed: int, round_: int, path: Path) -> dict:
     """The policy's logs on the train tasks (samples_per_task each, sampled)."""
     if not path.exists():
         world = world_of(s)
-        train, _ = split(s)
-        items = [(f"{t}/r{round_}s{j}", t) for t in train for j in range(s.samples_per_task)]
+        items = [(f"{t}/r{round_}s{j}", t) for t in splits(s)["mine"] for j in range(s.samples_per_task)]
         eps = tasks.run_episodes(policy(model, s, seed, s.temperature, s.threads), world, items, s.max_steps,
                                  key=f"collect/{seed}/{round_}")
         tasks.write_logs([tasks.log_record(world, e, "tiny-qwen2", model.name, round_) for e in eps], path)
@@ -225,38 +268,63 @@ def supervised_share(rows: list[dict], steps_total: int) -> float | None:
     return len(keys) / steps_total if steps_total else None
 
 
-def evaluate(s: Settings, model: Path, seed: int) -> dict:
-    world = world_of(s)
-    _, test = split(s)
-    eps = tasks.run_episodes(policy(model, s, seed, 0.0, s.threads), world, [(f"{t}/eval", t) for t in test],
-                             s.max_steps, key="eval")
+def evaluate(s: Settings, model: Path, seed: int, task_ids: list[str]) -> dict:
+    """Greedy success of the model on `task_ids` (held-out or validation tasks)."""
+    eps = tasks.run_episodes(policy(model, s, seed, 0.0, s.threads), world_of(s),
+                             [(f"{t}/eval", t) for t in task_ids], s.max_steps, key="eval")
     k = sum(e.success for e in eps)
     return {"successes": k, "n": len(eps), "rate": k / len(eps), "wilson95": list(stats.wilson(k, len(eps)))}
+
+
+def quarantined(spark, cfg) -> dict[str, dict[str, int]]:
+    """Quarantined log records by source file and reason (indices in the field path folded to [i])."""
+    from pyspark.sql import functions as F
+
+    from cso_lib.delta_io import read_table
+
+    rows = (read_table(spark, cfg, "quarantine")
+            .select(F.regexp_extract("source", r"([^/]+)$", 1).alias("file"),
+                    F.regexp_replace(F.regexp_replace("reason", r"\[\d+\]", "[i]"), r"(not valid JSON).*", "$1")
+                    .alias("reason"))
+            .groupBy("file", "reason").count().collect())
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        out.setdefault(r["file"], {})[r["reason"]] = r["count"]
+    return out
 
 
 def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
     from cso_lib.experiment.train import dpo, sft
     from cso_lib.stages import baselines as baselines_stage
-    from cso_lib.stages import build_pairs
+    from cso_lib.stages import build_pairs, summary
 
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
     res_path = sd / "result.json"
-    res = json.loads(res_path.read_text()) if res_path.exists() else {"methods": {}, "pipeline": {}}
+    res = json.loads(res_path.read_text()) if res_path.exists() else {"methods": {}, "pipeline": {}, "seconds": {}}
     save = lambda: res_path.write_text(json.dumps(res, indent=2))  # noqa: E731
+    clock = [time.monotonic()]
+
+    def lap(name: str) -> None:  # seconds per phase (of this process: a resumed phase costs ~0)
+        now = time.monotonic()
+        res["seconds"][name] = round(res["seconds"].get(name, 0.0) + now - clock[0], 1)
+        clock[0] = now
+
     m = sd / "models"
-    pi0 = sft_model(s, work, seed)
+    sp = splits(s)
+    pi0, res["pi0"] = sft_model(s, work, seed)
+    lap("sft")
     res["collect_r0"] = collect(s, pi0, seed, 0, sd / "logs" / "round0.jsonl")
     log(f"seed {seed}: round-0 logs {res['collect_r0']}")
+    lap("collect_r0")
     wh = sd / "wh"
     cfg = pipeline_config(s, wh, sd / "logs" / "round0.jsonl", pi0, seed, 0, f"s{seed}-r0")
     if "cso_r1" not in res["pipeline"]:
         res["pipeline"]["cso_r1"] = mine(spark, cfg)
+        res["quarantine"] = quarantined(spark, cfg)
         nv = cfg.model_copy(deep=True)
         nv.cso.verify = False
         build_pairs.run(nv, spark)
-        from cso_lib.stages import summary
-
         res["pipeline"]["cso_no_verify"] = {k: v for k, v in summary.compute(nv, spark).items() if k != "tables"}
         res["pipeline"]["baselines"] = baselines_stage.run(cfg, spark)
         snapshot(sd, "cso_r1", f"{cfg.storage.pairs_path}/round=0")
@@ -264,6 +332,7 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
         for name in ("step_dpo", "eto", "rft"):
             snapshot(sd, name, f"{baselines_stage.baselines_path(cfg, name)}/round=0")
         save()
+    lap("pipeline_r0")
     if "cso_no_prm" not in res["pipeline"]:
         # Same warehouse and work set, new run id: the scores, alternatives and rollouts already paid for are
         # reused; the candidates table's decisions are replaced by the ablation's (every step, every alternative),
@@ -272,6 +341,7 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
         res["pipeline"]["cso_no_prm"] = mine(spark, cfg_np, skip_ingest=True)
         snapshot(sd, "cso_no_prm", f"{cfg.storage.pairs_path}/round=0")
         save()
+    lap("pipeline_no_prm")
     steps_failed = res["pipeline"]["cso_r1"]["steps"]
     data = {name: load_snapshot(sd, name) for name in ("cso_r1", "cso_no_verify", "cso_no_prm", "step_dpo", "eto")}
     rft_rows = load_snapshot(sd, "rft")
@@ -284,7 +354,7 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
         if not done(out):
             log(f"seed {seed}: DPO {name} on {len(data[name])} pairs")
             r = dpo(pi0, out, pairs_of(data[name]), beta=s.beta, epochs=s.dpo_epochs, lr=s.dpo_lr,
-                    batch_size=s.dpo_batch, seed=seed, threads=s.threads)
+                    batch_size=s.dpo_batch, seed=seed, threads=s.threads, sft_weight=s.dpo_sft_weight)
             (out / "train.json").write_text(json.dumps({k: v for k, v in r.items()}, default=str))
         models[name] = out
     out = m / "rft"
@@ -294,12 +364,14 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
         if convs:
             sft(pi0, out, convs, steps=s.rft_steps, batch_size=s.sft_batch, lr=s.rft_lr, seed=seed, threads=s.threads)
     models["rft"] = out if done(out) else pi0
+    lap("train_r1")
     # round 2: the CSO model collects again; the pipeline mines round 1; DPO from it, reference = itself
     pi1 = models["cso_r1"]
     res["collect_r1"] = collect(s, pi1, seed, 1, sd / "logs" / "round1.jsonl")
     cfg1 = pipeline_config(s, wh, sd / "logs" / "round1.jsonl", pi1, seed, 1, f"s{seed}-r1")
     if "cso_r2" not in res["pipeline"]:
         res["pipeline"]["cso_r2"] = mine(spark, cfg1)
+        res["quarantine"] = quarantined(spark, cfg1)
         snapshot(sd, "cso_r2", f"{cfg.storage.pairs_path}/round=1")
         save()
     data["cso_r2"] = load_snapshot(sd, "cso_r2")
@@ -307,8 +379,9 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
     if data["cso_r2"] and not done(out):
         log(f"seed {seed}: DPO cso_r2 on {len(data['cso_r2'])} pairs")
         dpo(pi1, out, pairs_of(data["cso_r2"]), ref_dir=pi1, beta=s.beta, epochs=s.dpo_epochs, lr=s.dpo_lr,
-            batch_size=s.dpo_batch, seed=seed, threads=s.threads)
+            batch_size=s.dpo_batch, seed=seed, threads=s.threads, sft_weight=s.dpo_sft_weight)
     models["cso_r2"] = out if data["cso_r2"] else pi1
+    lap("round_2")
     evals: dict[str, dict] = {}  # by model folder: a method that trained nothing is its starting policy
     for name in METHODS:
         if name in res["methods"] and "rate" in res["methods"][name]:
@@ -316,8 +389,9 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
             continue
         log(f"seed {seed}: evaluating {name} ({models[name]})")
         if str(models[name]) not in evals:
-            evals[str(models[name])] = evaluate(s, models[name], seed)
-        ev = {k: evals[str(models[name])][k] for k in ("successes", "n", "rate", "wilson95")}
+            evals[str(models[name])] = {**evaluate(s, models[name], seed, sp["test"]),
+                                        "val_rate": evaluate(s, models[name], seed, sp["val"])["rate"]}
+        ev = {k: evals[str(models[name])][k] for k in ("successes", "n", "rate", "wilson95", "val_rate")}
         ev["model"] = str(models[name].relative_to(work))
         rows = data.get(name, [])
         ev["pairs"] = len(rows) if name not in ("sft", "rft") else 0
@@ -331,8 +405,11 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
             # a trajectory pair supervises every step of the failed trajectory it rejects
             ev["share_steps_supervised"] = 1.0 if rows else 0.0
         res["methods"][name] = ev
-        log(f"seed {seed}: {name} held-out success {ev['rate']:.3f} ({ev['successes']}/{ev['n']})")
+        log(f"seed {seed}: {name} held-out success {ev['rate']:.3f} ({ev['successes']}/{ev['n']}), "
+            f"validation {ev['val_rate']:.3f}")
         save()
+    lap("evaluate")
+    save()
     return res
 
 
@@ -351,6 +428,7 @@ def table(per_seed: dict[int, dict]) -> dict:
             "ci95_over_seeds": agg["ci95"],
             "wilson95_pooled": list(stats.wilson(k, n)),
             "per_seed": [r["rate"] for r in runs],
+            "val_rate": stats.over_seeds([r["val_rate"] for r in runs])["mean"],
             "pairs": [r["pairs"] for r in runs],
             "sft_records": [r["sft_records"] for r in runs] if name == "rft" else None,
             "share_steps_supervised": sum(shares) / len(shares) if shares else None,
@@ -358,33 +436,46 @@ def table(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+def quarantine_counts(by_file: dict[str, dict[str, int]]) -> str:
+    """'n0 / n1': quarantined records of the round-0 and round-1 logs."""
+    return " / ".join(str(sum(by_file.get(f"round{r}.jsonl", {}).values())) for r in (0, 1))
+
+
 def markdown(result: dict) -> str:
     """The table as Markdown (docs/paper-table.md quotes it)."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
+    pi0 = result["pi0"]
     lines = [f"setting `{result['setting']}`, seeds {result['seeds']}, held-out tasks per seed "
-             f"{result['settings']['n_test']}, `{result['command']}`, {result['date']}", "",
-             "| method | held-out success % | 95% CI over seeds | Wilson 95% (pooled) | pairs | steps supervised % |",
-             "| --- | ---: | --- | --- | --- | ---: |"]
+             f"{result['settings']['n_test']}, `{result['command']}`, {result['date']}; wall time "
+             f"{result['seconds'] / 60:.1f} min ({'cold: pi0 trained in this run' if result['cold'] else 'warm: resumed'}"
+             f"); pi0 = SFT step {pi0['picked_step']} (validation success {pct(pi0['val_success'])}% on "
+             f"{pi0['n_val']} validation tasks); quarantined log records per seed "
+             f"(round 0 / round 1 logs) {[quarantine_counts(q) for q in result['quarantined']]}", "",
+             "| method | held-out success % | 95% CI over seeds | Wilson 95% (pooled) | per seed % | validation % | pairs"
+             " | steps supervised % |",
+             "| --- | ---: | --- | --- | --- | ---: | --- | ---: |"]
     for row in result["methods"].values():
         ci = row["ci95_over_seeds"]
         lo, hi = row["wilson95_pooled"]
         pairs = row["sft_records"] if row["sft_records"] is not None else row["pairs"]
         lines.append(f"| {row['label']} | {pct(row['success_rate'])} | "
                      f"{'-' if ci is None else f'{pct(ci[0])}-{pct(ci[1])}'} | {pct(lo)}-{pct(hi)} | "
+                     f"{', '.join(pct(x) for x in row['per_seed'])} | {pct(row['val_rate'])} | "
                      f"{', '.join(map(str, pairs))}{' SFT records' if row['sft_records'] is not None else ''} | "
                      f"{pct(row['share_steps_supervised'])} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    t0 = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="the quick setting (fewer tasks)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 with --small, else 0 1 2)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/paper_table[_small].json)")
-    p.add_argument("--work", default=None, help="work folder (default .cache/paper_table/<setting>)")
-    p.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    p.add_argument("--work", default=None, help="work folder (default .cache/paper_table/<setting>-<hash>)")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first (a cold run)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
     args = p.parse_args(argv)
     s = SMALL if args.small else FULL
@@ -398,28 +489,34 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or ROOT / ".cache" / "paper_table" / f"{name}-{tag}")  # new settings, new folder
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
+    cold = not (work / "models").exists() and not any(work.glob("seed*"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(s), indent=2))
     from cso_lib.spark import build_spark
 
     spark = build_spark(pipeline_config(s, work / "_wh", work / "none.jsonl", work, 0, 0, "x"), "paper-table")
-    t0 = time.monotonic()
     per_seed = {}
     for seed in seeds:
         per_seed[seed] = run_seed(s, work, seed, spark)
     spark.stop()
+    sp = splits(s)
     result = {
         "setting": name,
         "methods": table(per_seed),
+        "pi0": per_seed[seeds[0]]["pi0"],
+        "quarantined": [per_seed[k].get("quarantine", {}) for k in seeds],
         "per_seed": {str(k): v for k, v in per_seed.items()},
         "settings": asdict(s),
+        "task_sets": {k: [v[0], v[-1], len(v)] for k, v in sp.items()},
         "seeds": seeds,
         "seconds": round(time.monotonic() - t0, 1),
-        "models": "policy: tiny Qwen2 (cso_lib.tiny_model, random init, SFT'd here); expert: the world's solver "
-                  "with set noise (SimExpert); PRM: the world's noisy scorer (SimPRM). SIMULATION world.",
+        "cold": cold,
+        "models": "policy: tiny Qwen2 (cso_lib.tiny_model with world_tokens, random init, SFT'd here); expert: the "
+                  "world's solver with set noise (SimExpert); PRM: the world's noisy scorer (SimPRM). SIMULATION "
+                  "world.",
         "command": " ".join([".venv/bin/python", "bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Spark local[2]",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Spark local[2], torch threads {s.threads}",
     }
     out = Path(args.out or HERE / "results" / f"paper_table{'_small' if args.small else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

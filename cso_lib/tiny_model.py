@@ -8,6 +8,12 @@ reads them) and tool results, and a Qwen2 decoder with random weights. Same seed
 
 The weights are random: the model produces fluent-looking noise until something trains it. That is what the
 plumbing tests need (real engines, real tokenisation, real generation); quality experiments train it first.
+
+`TinySpec(world_tokens=(seed, n_entities))` builds the tokenizer of the paper-table experiment (issue 8): every
+entity id, name, terminal value and attribute name of that simulation world is ONE token (an added token), and
+the BPE also learns the experiment's compact prompts and tool-call syntax. Copying an id or a value is then one
+token, so what the policy can get wrong are decisions (which tool, which attribute, which entity, which value to
+carry), not the digits of a long copy.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class TinySpec:
     num_key_value_heads: int = 1
     max_position_embeddings: int = 8192
     seed: int = 0
+    # (seed, n_entities) of a simulation world whose ids, names, values and attributes become single tokens
+    world_tokens: tuple[int, int] | None = None
+    initializer_range: float | None = None  # std of the random init (None: Qwen2's 0.02)
 
 
 def _corpus(seed: int, n_tasks: int = 300) -> list[str]:
@@ -96,6 +105,33 @@ def _corpus(seed: int, n_tasks: int = 300) -> list[str]:
     return lines
 
 
+def world_vocabulary(seed: int, n_entities: int) -> list[str]:
+    """The strings of a simulation world that `TinySpec.world_tokens` makes single tokens: entity ids,
+    names, terminal values and attribute names (sorted, so the token ids are a function of the world)."""
+    from cso_lib.sim.world import RELATIONS, SimWorld
+
+    kb = SimWorld(seed=seed, n_tasks=1, n_entities=n_entities).kb
+    words = set(kb) | {row["name"] for row in kb.values()} | {a for attrs in RELATIONS.values() for a in attrs}
+    words |= {row[a] for row in kb.values() for a, target in RELATIONS[row["type"]].items() if target is None}
+    return sorted(words)
+
+
+def _experiment_corpus(seed: int, n_entities: int, n_tasks: int = 200) -> list[str]:
+    """The paper-table experiment's texts (compact prompts, solver actions, observations, tool-call JSON and
+    the chat template's role names), for the BPE part of a `world_tokens` tokenizer."""
+    from cso_lib.experiment.tasks import demonstration
+    from cso_lib.sim.world import SimWorld
+
+    world = SimWorld(seed=seed, n_tasks=n_tasks, n_entities=n_entities)
+    lines = ["system", "user", "assistant", "tool", "<|im_start|>assistant\n", "<|im_start|>tool\n"]
+    for tid in world.task_ids():
+        for m in demonstration(world, tid):
+            lines.append(m.get("content") or "")
+            for c in m.get("tool_calls") or []:  # as the chat template renders a call
+                lines.append(f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}')
+    return lines
+
+
 def build_tokenizer(spec: TinySpec = TinySpec()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -107,11 +143,18 @@ def build_tokenizer(spec: TinySpec = TinySpec()):
         vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    corpus = _corpus(spec.seed)
+    if spec.world_tokens is not None:
+        corpus += _experiment_corpus(*spec.world_tokens) * 5
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token=IM_END, pad_token=PAD, unk_token=None,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, IM_END)],
     )
+    if spec.world_tokens is not None:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(w, normalized=False) for w in world_vocabulary(*spec.world_tokens)])
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = spec.max_position_embeddings
     return fast
@@ -128,6 +171,7 @@ def build_model(tokenizer, spec: TinySpec = TinySpec()):
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None, torch_dtype="float32",
+        **({"initializer_range": spec.initializer_range} if spec.initializer_range is not None else {}),
     )
     model = Qwen2ForCausalLM(cfg)
     model.generation_config = GenerationConfig(
@@ -141,7 +185,8 @@ def ensure_tiny_model(path: str | os.PathLike, spec: TinySpec = TinySpec()) -> P
     """Build the tiny model into `path` unless a build with the same spec is already there."""
     path = Path(path)
     marker = path / "cso_tiny_spec.json"
-    want = json.dumps(asdict(spec), sort_keys=True)
+    # unset options are left out, so adding an option does not invalidate the models already built
+    want = json.dumps({k: v for k, v in asdict(spec).items() if v is not None}, sort_keys=True)
     if marker.exists() and marker.read_text() == want:
         return path
     path.mkdir(parents=True, exist_ok=True)

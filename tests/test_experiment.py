@@ -31,6 +31,25 @@ def test_demonstrations_solve_their_tasks(world):
         assert [m["role"] for m in demo[:2]] == ["system", "user"]
 
 
+def test_experiment_splits_are_disjoint_and_keep_questions_apart(world):
+    sp = tasks.experiment_splits(world, 30, 10, 10, 20)
+    assert [len(sp[k]) for k in ("sft", "val", "mine", "test")] == [30, 10, 10, 20]
+    q = lambda t: (world.task(t).person_id, world.task(t).plan)  # noqa: E731
+    assert len({t for ids in sp.values() for t in ids}) == 70
+    sft_q = {q(t) for t in sp["sft"]}
+    assert not sft_q & {q(t) for t in sp["val"]}  # pi0 is picked on questions it was not trained on
+    assert not (sft_q | {q(t) for t in sp["val"] + sp["mine"]}) & {q(t) for t in sp["test"]}
+
+
+def test_world_vocabulary_covers_what_the_policy_copies(world):
+    from cso_lib.tiny_model import world_vocabulary
+
+    vocab = set(world_vocabulary(world.seed, world.n_entities))
+    task = world.task(world.task_ids()[0])
+    assert set(task.chain) <= vocab and set(task.plan) <= vocab  # ids, values, attributes
+    assert world.kb[task.person_id]["name"] in vocab
+
+
 class Solver:
     """A policy that plays the world's solver (all episodes succeed) or always answers "x" (none do)."""
 
@@ -78,6 +97,10 @@ def test_sft_lowers_loss_and_eval_gives_a_rate(world, tmp_path):
     assert 0 < sum(lab != -100 for lab in labels) < len(ids)  # assistant tokens only
     r = sft(init, tmp_path / "sft", demos, steps=12, batch_size=4, lr=3e-3, log_every=0)
     assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+    seen = []
+    r = sft(init, tmp_path / "stopped", demos, steps=12, batch_size=4, log_every=0, save_every=3,
+            on_save=lambda step, path: seen.append(step) or step >= 6)
+    assert seen == [3, 6] and r["steps"] == 6 and (tmp_path / "stopped" / "step-6" / "model.safetensors").exists()
 
     from cso_lib.config import ModelConfig
     from cso_lib.local_models import TransformersPolicy
@@ -96,3 +119,28 @@ def test_sft_lowers_loss_and_eval_gives_a_rate(world, tmp_path):
               "rejected": [assistant("I will search.", [call("c", "search", {"query": "nobody"})])]} for d in demos[:2]]
     out = dpo(tmp_path / "sft", tmp_path / "dpo", pairs, epochs=1, batch_size=2, threads=1)
     assert out["pairs"] == 2 and (tmp_path / "dpo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_world_token_model_copies_in_one_token_and_loss_matches(world):
+    import torch
+
+    from cso_lib.experiment.train import _assistant_loss, encode
+    from cso_lib.tiny_model import TinySpec, build_model, build_tokenizer
+
+    spec = TinySpec(num_hidden_layers=1, world_tokens=(world.seed, world.n_entities))
+    tok = build_tokenizer(spec)
+    task = world.task(world.task_ids()[1])
+    for word in (task.person_id, task.answer, task.plan[0], world.kb[task.person_id]["name"]):
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    demo = tasks.demonstration(world, task.task_id)
+    text = tok.apply_chat_template(demo, tokenize=False)
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    model = build_model(tok, spec)
+    ids, labels = encode(tok, demo)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        got = _assistant_loss(torch, model, ids, att, labels)
+    assert torch.allclose(want, got, atol=1e-5)

@@ -23,6 +23,8 @@ question.
 from __future__ import annotations
 
 import json
+import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,38 @@ def splits(world: SimWorld, n_train: int, n_test: int) -> tuple[list[str], list[
     return train, test
 
 
+def experiment_splits(world: SimWorld, n_sft: int, n_val: int, n_mine: int, n_test: int) -> dict[str, list[str]]:
+    """The paper table's four task sets, in index order and disjoint by construction:
+
+    - `sft`: [0, n_sft), the solver's demonstrations (the SFT data);
+    - `val`: the next n_val tasks whose question (person, attribute chain) is not an SFT task's: pi0's SFT step
+      count is picked on these, never on the held-out tasks;
+    - `mine`: the next n_mine tasks, the train tasks the policy runs and the pipeline mines;
+    - `test`: the next n_test tasks whose question occurs in none of the above (held-out).
+
+    >>> w = SimWorld(seed=3, n_tasks=40, n_entities=60, min_hops=1, max_hops=2)
+    >>> sp = experiment_splits(w, 20, 5, 5, 10)
+    >>> [len(sp[k]) for k in ("sft", "val", "mine", "test")], len({t for ids in sp.values() for t in ids})
+    ([20, 5, 5, 10], 40)
+    """
+    question = lambda tid: (world.task(tid).person_id, world.task(tid).plan)  # noqa: E731
+    index = iter(range(10**7))
+    nxt = lambda: f"sim-{world.seed}-{next(index):04d}"  # noqa: E731
+    out: dict[str, list[str]] = {"sft": [nxt() for _ in range(n_sft)], "val": [], "mine": [], "test": []}
+    seen = {question(t) for t in out["sft"]}
+    while len(out["val"]) < n_val:
+        tid = nxt()
+        if question(tid) not in seen:
+            out["val"].append(tid)
+    out["mine"] = [nxt() for _ in range(n_mine)]
+    seen |= {question(t) for t in out["val"] + out["mine"]}
+    while len(out["test"]) < n_test:
+        tid = nxt()
+        if question(tid) not in seen:
+            out["test"].append(tid)
+    return out
+
+
 def demonstration(world: SimWorld, task_id: str) -> list[Message]:
     """The solver's trajectory for a task, as one conversation (the SFT data)."""
     task = world.task(task_id)
@@ -73,6 +107,42 @@ def demonstration(world: SimWorld, task_id: str) -> list[Message]:
         if final_answer(action) is not None:
             break
     return msgs
+
+
+_ENTITY_ID = re.compile(r"\b([PCTN])(\d{4})\b")
+
+
+def relabel(world: SimWorld, task_id: str, messages: list[Message], rng: random.Random) -> list[Message]:
+    """A demonstration with its entity ids and its answer value replaced at random, consistently within the
+    conversation (ids by other ids of the same type, one to one; the answer by another entity's value of the
+    same attribute). SFT data augmentation: the relabelled facts are not the world's, so a model trained on them
+    cannot answer from memorised facts and must copy ids and values from the observations, which is what the
+    held-out tasks need (without it the tiny model memorises the train facts: 100% on train, ~20% held out).
+
+    >>> w = SimWorld(seed=3, n_tasks=5, n_entities=60, min_hops=2, max_hops=2)
+    >>> tid = w.task_ids()[0]
+    >>> demo = demonstration(w, tid)
+    >>> new = relabel(w, tid, demo, random.Random(0))
+    >>> new != demo, [m["role"] for m in new] == [m["role"] for m in demo]
+    (True, True)
+    >>> final_answer(new[-1]) != w.task(tid).answer and final_answer(new[-1]) in new[-2]["content"]
+    True
+    """
+    task = world.task(task_id)
+    text = json.dumps(messages)
+    found = dict.fromkeys(m.group(0) for m in _ENTITY_ID.finditer(text))
+    by_type: dict[str, list[str]] = {}
+    for eid in found:
+        by_type.setdefault(eid[0], []).append(eid)
+    mapping = {}
+    for prefix, ids in by_type.items():
+        pool = [e for e in world.kb if e[0] == prefix]
+        mapping.update(zip(ids, rng.sample(pool, len(ids)), strict=True))
+    text = _ENTITY_ID.sub(lambda m: mapping[m.group(0)], text)
+    owner_type = world.kb[task.chain[-2]]["type"]
+    values = sorted({row[task.plan[-1]] for row in world.kb.values() if row["type"] == owner_type} - {task.answer})
+    text = text.replace(json.dumps(task.answer)[1:-1], json.dumps(rng.choice(values))[1:-1])
+    return json.loads(text)
 
 
 @dataclass
