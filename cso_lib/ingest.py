@@ -16,7 +16,7 @@ given; in a tool call id, type, function, then the rest; in its function name, a
 `content_hash` is the SHA-256 of the canonical content, so the same record re-ingested (from any file, in any
 format that maps to the same content) has the same hash.
 
-`ingest_one` (what the stage calls) first tries `fast_native`: native-format records made only of the
+The ingest stage (and `ingest_one`) first tries `fast_native`: native-format records made only of the
 schema's fields, with text content and ground truth, are decoded and type-checked by msgspec (C) into typed
 structs and serialised by it, about twice as fast as the general path. Whatever it does not vouch for
 (another format, an extra key anywhere, another type, a failed check) goes through `convert`, which is the

@@ -6,12 +6,44 @@ import copy
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# The suite runs on two pytest-xdist workers (pyproject: `-n 2 --dist loadfile`): a Spark test keeps its driver
+# thread busy and leaves the other core mostly idle, so two test processes finish sooner than one. Scheduling
+# (`ModuleScheduling` below) sends whole modules to a worker, so module-scoped fixtures run once; the modules
+# that share the session's simulated pipeline run (below) go together, so it runs once per suite; and the
+# longest modules start first (measured seconds; others count a second a test), so no long one runs alone at
+# the end.
+SIM_PIPELINE_MODULES = {"test_pipeline", "test_train_dpo", "test_taxonomy", "test_baselines"}
+MODULE_SECONDS = {
+    "tests/test_cluster.py": 300, "sim_pipeline": 260, "tests/test_batch_mode.py": 250, "tests/test_ledger.py": 250,
+    "tests/test_vllm_backend.py": 160, "tests/test_real_server.py": 100, "tests/test_iterate.py": 80,
+    "tests/test_incremental.py": 80, "tests/test_ingest_spark.py": 40,
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own choice from --dist
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "sim_pipeline" if Path(path).stem in SIM_PIPELINE_MODULES else path
+
+        def _assign_work_unit(self, node) -> None:
+            longest = max(self.workqueue, key=lambda s: MODULE_SECONDS.get(s, len(self.workqueue[s])))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +130,4 @@ def sim_pipeline(_sim_pipeline_once, tmp_path_factory):
     own.storage.warehouse = str(base / "wh")
     own.sim.logs_dir = str(base / "logs")
     return own, copy.deepcopy(result), base
+
