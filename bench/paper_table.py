@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -97,14 +98,14 @@ class Settings:
     dpo_lr: float = 5e-5
     dpo_batch: int = 8
     dpo_sft_weight: float = 0.0  # > 0: DPO + that weight of NLL on the chosen completion (TRL loss "sft"), every method
-    rft_steps: int = 60
+    rft_epochs: float = 2.0  # RFT passes over the successful logs (as DPO's dpo_epochs over its pairs)
     rft_lr: float = 3e-4
     batch_size: int = 50  # generation batch
     threads: int = 2
 
 
 FULL = Settings()
-SMALL = replace(FULL, n_train=60, n_test=100, rft_steps=20)
+SMALL = replace(FULL, n_train=60, n_test=100)
 
 
 def log(msg: str) -> None:
@@ -362,7 +363,9 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
         convs = [strip(r["messages"]) for r in rft_rows]
         log(f"seed {seed}: RFT on {len(convs)} successful trajectories")
         if convs:
-            sft(pi0, out, convs, steps=s.rft_steps, batch_size=s.sft_batch, lr=s.rft_lr, seed=seed, threads=s.threads)
+            steps = max(1, math.ceil(s.rft_epochs * len(convs) / s.sft_batch))
+            sft(pi0, out, convs, steps=steps, batch_size=s.sft_batch, lr=s.rft_lr, seed=seed, threads=s.threads,
+                warmup=max(1, min(20, steps // 4)))
     models["rft"] = out if done(out) else pi0
     lap("train_r1")
     # round 2: the CSO model collects again; the pipeline mines round 1; DPO from it, reference = itself
@@ -415,17 +418,21 @@ def run_seed(s: Settings, work: Path, seed: int, spark) -> dict:
 
 def table(per_seed: dict[int, dict]) -> dict:
     out = {}
+    base = [r["methods"]["sft"]["rate"] for r in per_seed.values() if "sft" in r.get("methods", {})]
     for name in METHODS:
         runs = [r["methods"][name] for r in per_seed.values() if name in r.get("methods", {})]
         if not runs:
             continue
         agg = stats.over_seeds([r["rate"] for r in runs])
+        diff = stats.paired_difference([r["rate"] for r in runs], base) if len(base) == len(runs) else None
         k, n = sum(r["successes"] for r in runs), sum(r["n"] for r in runs)
         shares = [r.get("share_steps_supervised") for r in runs if r.get("share_steps_supervised") is not None]
         out[name] = {
             "label": LABELS[name],
             "success_rate": agg["mean"],
             "ci95_over_seeds": agg["ci95"],
+            # minus pi0's success on the same seed (same held-out tasks), mean and 95% t interval over seeds
+            "vs_sft": None if diff is None else {"mean": diff["mean"], "ci95": diff["ci95"]},
             "wilson95_pooled": list(stats.wilson(k, n)),
             "per_seed": [r["rate"] for r in runs],
             "val_rate": stats.over_seeds([r["val_rate"] for r in runs])["mean"],
@@ -446,22 +453,30 @@ def markdown(result: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
+    def signed(x):
+        return f"{100 * x:+.1f}"
+
     pi0 = result["pi0"]
     lines = [f"setting `{result['setting']}`, seeds {result['seeds']}, held-out tasks per seed "
-             f"{result['settings']['n_test']}, `{result['command']}`, {result['date']}; wall time "
+             f"{result['settings']['n_test']}, `{result['command']}`, {result['date']}; wall time of this invocation "
              f"{result['seconds'] / 60:.1f} min ({'cold: pi0 trained in this run' if result['cold'] else 'warm: resumed'}"
-             f"); pi0 = SFT step {pi0['picked_step']} (validation success {pct(pi0['val_success'])}% on "
+             f"); compute time of all phases (summed over the invocations that did them) "
+             f"{result['phase_seconds_total'] / 60:.1f} min; "
+             f"pi0 = SFT step {pi0['picked_step']} (validation success {pct(pi0['val_success'])}% on "
              f"{pi0['n_val']} validation tasks); quarantined log records per seed "
              f"(round 0 / round 1 logs) {[quarantine_counts(q) for q in result['quarantined']]}", "",
-             "| method | held-out success % | 95% CI over seeds | Wilson 95% (pooled) | per seed % | validation % | pairs"
-             " | steps supervised % |",
-             "| --- | ---: | --- | --- | --- | ---: | --- | ---: |"]
-    for row in result["methods"].values():
+             "| method | held-out success % | 95% CI over seeds | Wilson 95% (pooled) | vs pi0, points (95% CI) "
+             "| per seed % | validation % | pairs | steps supervised % |",
+             "| --- | ---: | --- | --- | --- | --- | ---: | --- | ---: |"]
+    for name, row in result["methods"].items():
         ci = row["ci95_over_seeds"]
         lo, hi = row["wilson95_pooled"]
         pairs = row["sft_records"] if row["sft_records"] is not None else row["pairs"]
+        d = row.get("vs_sft")
+        vs = "-" if name == "sft" or d is None else (
+            signed(d["mean"]) + ("" if d["ci95"] is None else f" ({signed(d['ci95'][0])} to {signed(d['ci95'][1])})"))
         lines.append(f"| {row['label']} | {pct(row['success_rate'])} | "
-                     f"{'-' if ci is None else f'{pct(ci[0])}-{pct(ci[1])}'} | {pct(lo)}-{pct(hi)} | "
+                     f"{'-' if ci is None else f'{pct(ci[0])}-{pct(ci[1])}'} | {pct(lo)}-{pct(hi)} | {vs} | "
                      f"{', '.join(pct(x) for x in row['per_seed'])} | {pct(row['val_rate'])} | "
                      f"{', '.join(map(str, pairs))}{' SFT records' if row['sft_records'] is not None else ''} | "
                      f"{pct(row['share_steps_supervised'])} |")
@@ -511,6 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": seeds,
         "seconds": round(time.monotonic() - t0, 1),
         "cold": cold,
+        # each seed's phase times accumulate over the invocations that did the work (a cached phase adds ~0), so
+        # this is the cost of the whole table even when this invocation resumed a finished one
+        "phase_seconds_total": round(sum(sum(r["seconds"].values()) for r in per_seed.values()), 1),
         "models": "policy: tiny Qwen2 (cso_lib.tiny_model with world_tokens, random init, SFT'd here); expert: the "
                   "world's solver with set noise (SimExpert); PRM: the world's noisy scorer (SimPRM). SIMULATION "
                   "world.",

@@ -19,7 +19,8 @@ list; the Spark stage (cso_lib.stages.baselines) adds provenance columns and wri
   the preamble when identical; on tau-bench only the system prompt, as the simulated user words its first
   message differently in each trial); chosen / rejected = the rest of each conversation, tool and user
   messages included. A trainer should compute the loss on assistant tokens only (ETO conditions on
-  observations); TRL's DPOTrainer does not mask them by itself. Successful conversations come from the
+  observations); TRL's DPOTrainer does not mask them by itself, `cso_lib.experiment.train.dpo` does
+  (`assistant_only_collator`). Successful conversations come from the
   logs (another trajectory of the same task with outcome 1) and from successful branch rollouts
   (`branch_conversation`: the failed trajectory's first t steps, then the expert's action and the
   policy's own continuation that reached the ground truth).

@@ -82,6 +82,45 @@ def test_intervals():
     assert stats.over_seeds([0.5])["ci95"] is None
     agg = stats.over_seeds([0.2, 0.3, 0.4])
     assert agg["ci95"][0] < agg["mean"] < agg["ci95"][1]
+    # paired by seed: a steady +5 points is significant although the two intervals over seeds overlap
+    base, better = [0.20, 0.30, 0.40], [0.25, 0.36, 0.44]
+    d = stats.paired_difference(better, base)
+    assert d["ci95"][0] > 0 and stats.over_seeds(better)["ci95"][0] < stats.over_seeds(base)["ci95"][1]
+    assert stats.paired_difference([0.3], [0.2])["ci95"] is None
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.paired_difference([0.3, 0.4], [0.2])
+
+
+def test_paper_table_aggregates_seeds_against_pi0(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_table", Path(__file__).resolve().parent.parent / "bench" / "paper_table.py")
+    pt = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paper_table", pt)  # its dataclasses look their module up there
+    spec.loader.exec_module(pt)
+
+    def run(rate, **extra):
+        return {"rate": rate, "successes": int(rate * 100), "n": 100, "val_rate": rate, "pairs": 10,
+                "sft_records": 0, **extra}
+
+    per_seed = {s: {"methods": {"sft": run(0.25 + s / 100), "cso_r1": run(0.30 + s / 100,
+                                                                            share_steps_supervised=0.1 * (s + 1))},
+                    "seconds": {"sft": 10.0 * (s == 0), "evaluate": 5.0}} for s in range(3)}
+    out = pt.table(per_seed)
+    assert out["sft"]["vs_sft"]["mean"] == 0
+    assert out["cso_r1"]["vs_sft"]["mean"] == pytest.approx(0.05) and out["cso_r1"]["vs_sft"]["ci95"][0] == \
+        pytest.approx(0.05)  # the same gain on every seed: no spread
+    assert out["cso_r1"]["per_seed"] == [0.30, 0.31, 0.32] and out["cso_r1"]["share_steps_supervised"] == \
+        pytest.approx(0.2)
+    assert out["cso_r1"]["wilson95_pooled"][0] < 0.31 < out["cso_r1"]["wilson95_pooled"][1]
+    md = pt.markdown({"setting": "full", "seeds": [0, 1, 2], "settings": {"n_test": 100}, "command": "c", "date": "d",
+                      "seconds": 60.0, "cold": False, "phase_seconds_total": 150.0, "methods": out,
+                      "pi0": {"picked_step": 600, "val_success": 0.3, "n_val": 100}, "quarantined": [{}, {}, {}]})
+    row = next(line for line in md.splitlines() if line.startswith("| + CSO, 1 round"))
+    assert "| 31.0 |" in row and "+5.0 (+5.0 to +5.0)" in row and "2.5 min" in md
 
 
 @pytest.mark.slow
@@ -144,3 +183,48 @@ def test_world_token_model_copies_in_one_token_and_loss_matches(world):
         want = model(input_ids=ids, attention_mask=att, labels=labels).loss
         got = _assistant_loss(torch, model, ids, att, labels)
     assert torch.allclose(want, got, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_scores_assistant_tokens_only_in_trajectory_pairs(world, tmp_path):
+    """ETO's whole-trajectory pairs: the tool results inside the completions are not the policy's tokens, so the
+    DPO log-probabilities leave them out; one-action pairs (CSO, Step-DPO) keep every completion token."""
+    from transformers import AutoTokenizer
+
+    from cso_lib.experiment.train import assistant_masks, assistant_only_collator, dpo
+    from cso_lib.tiny_model import TinySpec, ensure_tiny_model
+
+    init = ensure_tiny_model(tmp_path / "init", TinySpec(num_hidden_layers=1))
+    tok = AutoTokenizer.from_pretrained(init)
+    a, b = (tasks.demonstration(world, t) for t in world.task_ids()[:2])
+    trajectory = {"prompt": a[:2], "chosen": a[2:], "rejected": b[2:]}
+    m = assistant_masks(tok, trajectory)
+    cut = len(m["chosen_full_ids"]) - len(m["chosen_assistant"])
+    completion = m["chosen_full_ids"][cut:]
+    kept = tok.decode([t for t, k in zip(completion, m["chosen_assistant"], strict=True) if k])
+    dropped = tok.decode([t for t, k in zip(completion, m["chosen_assistant"], strict=True) if not k])
+    tool_text = next(x["content"] for x in a[2:] if x["role"] == "tool")
+    assert tool_text in dropped and tool_text not in kept
+    assert final_answer(a[-1]) in kept and "final_answer" in kept
+    step = {"prompt": a[:2], "chosen": [a[2]], "rejected": [b[2]]}
+    assert all(assistant_masks(tok, step)["chosen_assistant"])
+
+    # the collator: TRL's completion mask times the assistant mask; ids that are not TRL's are an error
+    def example(pair):
+        mm = assistant_masks(tok, pair)
+        cut = len(mm["chosen_full_ids"]) - len(mm["chosen_assistant"])
+        return {"prompt_ids": mm["chosen_full_ids"][:cut], "chosen_ids": mm["chosen_full_ids"][cut:],
+                "rejected_ids": mm["rejected_full_ids"][cut:], **mm}
+
+    coll = assistant_only_collator(tok.pad_token_id, 1024, "keep_start")
+    batch = coll([example(trajectory), example(step)])
+    want = sum(m["chosen_assistant"]) + sum(m["rejected_assistant"]) + len(example(step)["chosen_ids"]) + \
+        len(example(step)["rejected_ids"])
+    assert int(batch["completion_mask"].sum()) == want
+    bad = example(step)
+    bad["chosen_ids"] = bad["chosen_ids"][:-1]
+    with pytest.raises(ValueError, match="does not match TRL's tokens"):
+        coll([bad])
+    # and TRL's own tokenization agrees with the masks (the trainer would raise otherwise)
+    out = dpo(init, tmp_path / "eto", [trajectory, step], epochs=1, batch_size=2, threads=1)
+    assert out["pairs"] == 2 and (tmp_path / "eto" / "model.safetensors").exists()

@@ -4,9 +4,12 @@ SFT trains on assistant tokens only: each conversation is rendered whole with th
 token is a target iff it lies inside an assistant message's span (its text and the closing `<|im_end|>`),
 found by rendering the prefixes (the template renders a prefix with `add_generation_prompt=True` as the start
 of the whole conversation). DPO hands TRL the pipeline's conversational records (`prompt`, `chosen`,
-`rejected` message lists) as they are; TRL computes the loss on every completion token, so for ETO's
-whole-trajectory pairs the tool results inside the completions count too (a known limit of TRL's DPOTrainer,
-stated in cso_lib.baselines).
+`rejected` message lists) as they are and lets TRL tokenize them. TRL's DPOTrainer scores every completion
+token; for ETO's whole-trajectory pairs that would count the tool results inside the completions, which the
+policy does not produce (ETO itself scores the agent's actions only). With `assistant_only` (the default) the
+log-probabilities are summed over assistant tokens only: `AssistantOnlyCollator` multiplies TRL's completion
+mask by the assistant spans found as in SFT, after checking that its token ids are TRL's. A one-message
+completion (a CSO, Step-DPO or no-verify pair) is all assistant, so for those pairs nothing changes.
 """
 
 from __future__ import annotations
@@ -114,14 +117,65 @@ def _structs(messages) -> list[dict]:
     return [to_struct(dict(m)) for m in messages]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def assistant_masks(tok, pair: dict) -> dict:
+    """For a conversational pair: the token ids of prompt+chosen and prompt+rejected, and for each completion
+    (cut where TRL cuts it: after the longest common prefix with the prompt rendered for generation) a 0/1 mask
+    of its assistant tokens."""
+    prompt_ids = tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    full = {side: encode(tok, list(pair["prompt"]) + list(pair[side])) for side in ("chosen", "rejected")}
+    cut = min(_common_prefix(prompt_ids, full[side][0]) for side in full)
+    out = {}
+    for side, (ids, labels) in full.items():
+        out[f"{side}_full_ids"] = ids
+        out[f"{side}_assistant"] = [int(lab != -100) for lab in labels[cut:]]
+    return out
+
+
+def assistant_only_collator(pad_token_id: int, max_length: int | None, truncation_mode: str):
+    """TRL's preference collator whose completion mask keeps assistant tokens only (see the module doc). Needs the
+    dataset columns of `assistant_masks`; a row whose ids differ from TRL's tokenization is an error."""
+    import torch
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class AssistantOnlyCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            rows = []
+            for side in ("chosen", "rejected"):
+                for e in examples:
+                    ids = e["prompt_ids"] + e[f"{side}_ids"]
+                    if ids != e[f"{side}_full_ids"] or len(e[f"{side}_assistant"]) != len(e[f"{side}_ids"]):
+                        raise ValueError(f"assistant mask of the {side} completion does not match TRL's tokens "
+                                         f"({len(e[f'{side}_full_ids'])} ids vs {len(ids)})")
+                    mask = [0] * len(e["prompt_ids"]) + list(e[f"{side}_assistant"])
+                    if self.max_length is not None:
+                        mask = mask[: self.max_length] if self.truncation_mode == "keep_start" \
+                            else mask[-self.max_length:]
+                    rows.append(mask + [0] * (out["completion_mask"].shape[1] - len(mask)))
+            out["completion_mask"] = out["completion_mask"] * torch.tensor(rows, dtype=out["completion_mask"].dtype)
+            return out
+
+    return AssistantOnlyCollator(pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode)
+
+
 def dpo(init_dir: str | Path, out_dir: str | Path, pairs: list[dict], ref_dir: str | Path | None = None,
         beta: float = 0.5, epochs: float = 2.0, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
-        threads: int = 2, max_length: int = 1024, sft_weight: float = 0.0) -> dict:
+        threads: int = 2, max_length: int = 1024, sft_weight: float = 0.0, assistant_only: bool = True) -> dict:
     """DPO with TRL from the model at `init_dir` (reference: `ref_dir`, default the same model) on
     conversational pairs {prompt, chosen, rejected}; save to `out_dir`. No pairs: the model is copied.
     `sft_weight` > 0 adds TRL's `sft` loss (NLL of the chosen completion) with that weight to the sigmoid DPO
     loss (`loss_type=["sigmoid", "sft"]`, as in RPO), which keeps DPO from lowering the chosen actions' likelihood
-    along with the rejected ones."""
+    along with the rejected ones. `assistant_only`: log-probabilities over assistant tokens only (module doc)."""
     torch = _torch(threads)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +190,8 @@ def dpo(init_dir: str | Path, out_dir: str | Path, pairs: list[dict], ref_dir: s
         return {"pairs": 0, "seconds": 0.0, "losses": []}
     ref = AutoModelForCausalLM.from_pretrained(ref_dir or init_dir, dtype=torch.float32)
     ds = Dataset.from_list([{"prompt": _structs(p["prompt"]), "chosen": _structs(p["chosen"]),
-                             "rejected": _structs(p["rejected"])} for p in pairs])
+                             "rejected": _structs(p["rejected"]), **(assistant_masks(tok, p) if assistant_only else {})}
+                            for p in pairs])
     args = DPOConfig(
         output_dir=str(Path(out_dir) / "_trl"), beta=beta, learning_rate=lr, num_train_epochs=epochs,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, seed=seed, max_length=max_length,
@@ -144,8 +199,11 @@ def dpo(init_dir: str | Path, out_dir: str | Path, pairs: list[dict], ref_dir: s
         lr_scheduler_type="cosine", warmup_steps=0.1, disable_tqdm=True, precompute_ref_log_probs=True,
         loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
+        remove_unused_columns=not assistant_only,  # the collator reads the mask columns
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    collator = assistant_only_collator(tok.pad_token_id, max_length, args.truncation_mode) if assistant_only else None
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                         data_collator=collator)
     out = trainer.train()
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
