@@ -17,13 +17,6 @@ def world():
     return SimWorld(seed=5, n_tasks=40, n_entities=60, min_hops=1, max_hops=2)
 
 
-def test_splits_are_disjoint_and_share_no_question(world):
-    train, test = tasks.splits(world, 40, 30)
-    assert len(train) == 40 and len(test) == 30 and not set(train) & set(test)
-    q = lambda t: (world.task(t).person_id, world.task(t).plan)  # noqa: E731
-    assert not {q(t) for t in train} & {q(t) for t in test}
-
-
 def test_demonstrations_solve_their_tasks(world):
     for tid in world.task_ids()[:10]:
         demo = tasks.demonstration(world, tid)

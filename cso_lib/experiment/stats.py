@@ -26,13 +26,19 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return wilson_interval(successes, n)
 
 
+def _t95(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student t interval (None with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def over_seeds(rates: list[float]) -> dict:
     """Mean over seeds and its 95% t interval (None with one seed), clipped to [0, 1]."""
-    mean = statistics.fmean(rates)
-    if len(rates) < 2:
-        return {"mean": mean, "ci95": None, "n_seeds": len(rates)}
-    half = T95.get(len(rates) - 1, 1.96) * statistics.stdev(rates) / math.sqrt(len(rates))
-    return {"mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "n_seeds": len(rates)}
+    mean, half = _t95(rates)
+    ci = None if half is None else [max(0.0, mean - half), min(1.0, mean + half)]
+    return {"mean": mean, "ci95": ci, "n_seeds": len(rates)}
 
 
 def paired_difference(rates: list[float], baseline: list[float]) -> dict:
@@ -42,8 +48,5 @@ def paired_difference(rates: list[float], baseline: list[float]) -> dict:
     if len(rates) != len(baseline) or not rates:
         raise ValueError(f"paired_difference needs the same seeds on both sides: {len(rates)} vs {len(baseline)}")
     diffs = [a - b for a, b in zip(rates, baseline, strict=True)]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"mean": mean, "ci95": None, "per_seed": diffs}
-    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": diffs}
+    mean, half = _t95(diffs)
+    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "per_seed": diffs}

@@ -6,17 +6,16 @@ a one-line system prompt naming the tools, no tool schemas, and the query as the
 of attributes. Task ids are the world's (`sim-<seed>-<i>`), so the pipeline's simulated expert, PRM and
 environment replay them unchanged.
 
-Splits: train tasks are indices [0, n_train), held-out tasks [n_train, n_train + n_test) of the same world;
-a held-out task whose (person, attribute chain) also occurs in train is dropped, so the two splits share no
-question.
+Task sets: `experiment_splits` (SFT demonstrations, validation, mined train tasks, held-out), disjoint by
+construction; no held-out question (person, attribute chain) occurs in another set.
 
 >>> from cso_lib.sim.world import SimWorld
 >>> w = SimWorld(seed=3, n_tasks=40, n_entities=60)
->>> train, test = splits(w, 30, 10)
->>> len(train), set(train) & set(test), preamble(w, train[0])[1]["content"].startswith("Person: ")
-(30, set(), True)
->>> demo = demonstration(w, train[0])
->>> w.answer_ok(w.task(train[0]), final_answer(demo[-1])), demo[2]["tool_calls"][0]["function"]["name"]
+>>> tid = w.task_ids()[0]
+>>> preamble(w, tid)[1]["content"].startswith("Person: ")
+True
+>>> demo = demonstration(w, tid)
+>>> w.answer_ok(w.task(tid), final_answer(demo[-1])), demo[2]["tool_calls"][0]["function"]["name"]
 (True, 'search')
 """
 
@@ -47,21 +46,6 @@ def compact_query(world: SimWorld, task_id: str) -> str:
 
 def preamble(world: SimWorld, task_id: str) -> list[Message]:
     return [{"role": "system", "content": COMPACT_SYSTEM}, {"role": "user", "content": compact_query(world, task_id)}]
-
-
-def splits(world: SimWorld, n_train: int, n_test: int) -> tuple[list[str], list[str]]:
-    """Train ids [0, n_train) and held-out ids from n_train on, skipping questions that occur in train."""
-    ids = lambda lo, hi: [f"sim-{world.seed}-{i:04d}" for i in range(lo, hi)]  # noqa: E731
-    train = ids(0, n_train)
-    seen = {(world.task(t).person_id, world.task(t).plan) for t in train}
-    test: list[str] = []
-    i = n_train
-    while len(test) < n_test:
-        tid = f"sim-{world.seed}-{i:04d}"
-        if (world.task(tid).person_id, world.task(tid).plan) not in seen:
-            test.append(tid)
-        i += 1
-    return train, test
 
 
 def experiment_splits(world: SimWorld, n_sft: int, n_val: int, n_mine: int, n_test: int) -> dict[str, list[str]]:

@@ -117,23 +117,16 @@ def _structs(messages) -> list[dict]:
     return [to_struct(dict(m)) for m in messages]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def assistant_masks(tok, pair: dict) -> dict:
     """For a conversational pair: the token ids of prompt+chosen and prompt+rejected, and for each completion
     (cut where TRL cuts it: after the longest common prefix with the prompt rendered for generation) a 0/1 mask
     of its assistant tokens."""
+    from trl.data_utils import common_prefix_length
+
     prompt_ids = tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
     full = {side: encode(tok, list(pair["prompt"]) + list(pair[side])) for side in ("chosen", "rejected")}
-    cut = min(_common_prefix(prompt_ids, full[side][0]) for side in full)
+    cut = min(common_prefix_length(prompt_ids, full[side][0]) for side in full)
     out = {}
     for side, (ids, labels) in full.items():
         out[f"{side}_full_ids"] = ids
