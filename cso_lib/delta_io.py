@@ -73,8 +73,11 @@ def ensure_table(spark: SparkSession, cfg: Config, name: str) -> str:
 
 
 def ensure_tables(spark: SparkSession, cfg: Config) -> None:
-    for name in TABLES:
-        ensure_table(spark, cfg, name)
+    """Create every missing table, several at once (each creation is a Delta commit made by the driver)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda name: ensure_table(spark, cfg, name), TABLES))
 
 
 def read_table(spark: SparkSession, cfg: Config, name: str) -> DataFrame:

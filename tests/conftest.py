@@ -14,6 +14,18 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Every JVM the suite starts (the workers' Spark drivers, spark-submit drivers and executors, the standalone
+# master and workers, the `cso` processes of the kill tests, the notebook's kernel) inherits these through
+# JAVA_TOOL_OPTIONS. Most of them live a minute or two, and a cold Spark JVM spends almost half its CPU in the
+# JIT compilers: a 40-task pipeline plus a rerun in a fresh JVM took 208 CPU-s with the defaults, 176 with the
+# serial collector, 140 with C2 compiling only methods ten times hotter than by default, at the same wall time
+# (2 cores, quiet). On two loaded cores CPU is the suite's bottleneck. Behaviour is unchanged. Unset with
+# CSO_TEST_JVM_DEFAULTS=0, or replace by setting JAVA_TOOL_OPTIONS yourself.
+TEST_JVM_OPTIONS = ("-XX:+UseSerialGC -XX:Tier4InvocationThreshold=50000 -XX:Tier4MinInvocationThreshold=20000 "
+                    "-XX:Tier4CompileThreshold=60000 -XX:Tier4BackEdgeThreshold=400000")
+if os.environ.get("CSO_TEST_JVM_DEFAULTS", "1") != "0":
+    os.environ.setdefault("JAVA_TOOL_OPTIONS", TEST_JVM_OPTIONS)
+
 
 # The suite runs on two pytest-xdist workers (pyproject: `-n 2 --dist loadfile`): a Spark test keeps its driver
 # thread busy and leaves the other core mostly idle, so two test processes finish sooner than one. Scheduling

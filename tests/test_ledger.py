@@ -77,7 +77,9 @@ def test_twenty_percent_faults_same_results_bounded_retries(spark, clean):
     base, cfg_clean, _, _, _, _ = clean
     with FakeLLMServer(log_path=str(base / "faulty.log"), fault_rate=0.2, timeout_sleep_s=1.5) as srv:
         cfg = _cfg(base, srv.url, "faulty")
-        pipeline.run(cfg, spark)
+        cfg.run_id = "faulty-run"
+        for stage in ("ingest", "select", "score_policy", "propose", "score_alternatives"):  # every PRM/expert call
+            pipeline.STAGES[stage](cfg, spark)
         sends = srv.sends()
     assert _scores(spark, cfg) == _scores(spark, cfg_clean)
     assert max(sends.values()) <= MAX_ATTEMPTS and sum(sends.values()) > len(sends)  # faults were retried

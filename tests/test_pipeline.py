@@ -77,11 +77,20 @@ def test_dpo_pairs_are_trl_conversational_records(spark, run):
             steps[(row["trajectory_id"], t)]["action"])["tool_calls"][0]["function"]["arguments"]
 
 
+def _versions(spark, cfg, names):
+    from delta.tables import DeltaTable
+
+    return {n: DeltaTable.forPath(spark, cfg.storage.table(n)).history(1).first()["version"] for n in names}
+
+
 def test_rerun_adds_nothing_and_calls_nothing(spark, run):
     cfg, _ = run
     before = _counts(spark, cfg)
+    mined = ["prm_scores", "expert_alternatives", "critical_candidates", "branch_rollouts", "critical_steps"]
+    versions = _versions(spark, cfg, mined)
     again = pipeline.run(cfg.model_copy(deep=True), spark)
     after = _counts(spark, cfg)
+    assert _versions(spark, cfg, mined) == versions  # nothing to do: no stage committed to these tables
     assert {k: after[k] for k in MODEL_TABLES + ["work_set", "quarantine", "critical_candidates"]} == {
         k: before[k] for k in MODEL_TABLES + ["work_set", "quarantine", "critical_candidates"]}
     assert again["ingest"]["new"] == 0

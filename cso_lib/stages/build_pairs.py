@@ -116,19 +116,23 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             .join(scores.select(*keys, F.col("score").alias("r_expert")), keys, "left")
         )
         stats["rows_in"] = todo.count()
-        todo_cols = todo.select(*keys, "chosen")
-        cfg_json = cfg.model_dump_json()
-        built = map_batches(bundles(spark, cfg, run_id, todo_cols), lambda rows: pair_rows(cfg_json, rows), BUILT)
-        traj = read_table(spark, cfg, "trajectories").select(
-            "trajectory_id", "task_id", "env", "round", "policy_version", "n_steps", "tools")
-        rows = materialize(
-            todo.join(built, keys)
-            .join(traj, "trajectory_id")
-            .select("*", *[F.lit(None).cast("string").alias(c) for c in TAXONOMY_COLUMNS], F.lit(run_id).alias("run_id"),
-                    F.current_timestamp().alias("created_at"))
-        )
-        stats["rows_out"] = rows.count()
-        merge(spark, cfg, "critical_steps", rows)
+        if stats["rows_in"]:
+            todo_cols = todo.select(*keys, "chosen")
+            cfg_json = cfg.model_dump_json()
+            built = map_batches(bundles(spark, cfg, run_id, todo_cols), lambda rows: pair_rows(cfg_json, rows), BUILT)
+            traj = read_table(spark, cfg, "trajectories").select(
+                "trajectory_id", "task_id", "env", "round", "policy_version", "n_steps", "tools")
+            rows = materialize(
+                todo.join(built, keys)
+                .join(traj, "trajectory_id")
+                .select("*", *[F.lit(None).cast("string").alias(c) for c in TAXONOMY_COLUMNS],
+                        F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
+            )
+            stats["rows_out"] = rows.count()
+            merge(spark, cfg, "critical_steps", rows)
+        else:
+            stats["rows_out"], stats["nothing_to_do"] = 0, True
+        # always: a run killed between the MERGE and this rewrite left the Parquet behind the table
         stats["pairs_written"] = write_pairs(spark, cfg)
     return {"run_id": run_id, **stats}
 

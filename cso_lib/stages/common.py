@@ -110,6 +110,16 @@ def materialize(df: DataFrame) -> DataFrame:
     return df.localCheckpoint(eager=True)
 
 
+def nothing_to_do(spark: SparkSession, cfg: Config, stats: dict) -> None:
+    """Record a stage that found no work (a rerun, or a resumed run whose rows are all stored): no bundles, no
+    model pass, no MERGE. Journal rows a killed run left behind are still folded into the ledger."""
+    from cso_lib.ledger import flush_journal
+
+    stats["rows_out"] = 0
+    stats["nothing_to_do"] = True
+    stats["ledger_rows"] = flush_journal(spark, cfg)
+
+
 def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 

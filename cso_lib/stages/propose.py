@@ -27,6 +27,7 @@ from cso_lib.stages.common import (
     ledger_bundles,
     map_batches,
     materialize,
+    nothing_to_do,
     resolve_run_id,
     role_ledger,
     todo_states,
@@ -115,6 +116,9 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         )
         todo = steps.join(done, ["trajectory_id", "step_idx"], "left_anti")
         stats["rows_in"] = stats["steps_asked"] = todo.count()
+        if not stats["rows_in"]:  # every asked step has its alternatives
+            nothing_to_do(spark, cfg, stats)
+            return {"run_id": run_id, **stats}
         cfg_json, k = cfg.model_dump_json(), cfg.cso.k
         bundled = ledger_bundles(spark, cfg, run_id, todo, models.expert, "propose", stats,
                                  lambda rows: hash_rows(cfg_json, k, rows),

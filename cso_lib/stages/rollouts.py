@@ -39,6 +39,7 @@ from cso_lib.stages.common import (
     ledger_context,
     map_batches,
     materialize,
+    nothing_to_do,
     parse_bundle,
     resolve_run_id,
     work_steps,
@@ -205,14 +206,18 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             .where((F.col("alt_idx") == -1) | F.col("action").isNotNull())
         )
         stats["rows_in"] = todo.count()
+        if not stats["rows_in"]:  # every branch is rolled out
+            stats.update(successes=0, skipped=0, original_rollouts=0)
+            nothing_to_do(spark, cfg, stats)
+            return {"run_id": run_id, **stats}
         cfg_json, budget = cfg.model_dump_json(), cfg.cso.max_steps_after_branch
         out = map_batches(bundles(spark, cfg, run_id, todo), lambda rows: rollout_rows(cfg_json, budget, run_id, rows),
                           ROLLED, profile=rollout_profile(cfg))
         out = materialize(out.withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
-        stats["rows_out"] = out.count()
-        stats["successes"] = out.where("success").count()
-        stats["skipped"] = out.where(F.col("status") == "skipped").count()
-        stats["original_rollouts"] = out.where(F.col("alt_idx") == -1).count()
+        counts = out.agg(F.count("*").alias("rows_out"), F.count_if("success").alias("successes"),
+                         F.count_if(F.col("status") == "skipped").alias("skipped"),
+                         F.count_if(F.col("alt_idx") == -1).alias("original_rollouts")).first()
+        stats.update(counts.asDict())
         merge(spark, cfg, "branch_rollouts", out)
         if isinstance(models.policy, LLMRole) or cfg.cso.verifier != "rules":
             stats["ledger_rows"] = flush_journal(spark, cfg)

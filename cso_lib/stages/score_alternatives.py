@@ -16,6 +16,10 @@ from cso_lib.models import build_models
 from cso_lib.stages.common import resolve_run_id, work_steps
 from cso_lib.stages.score_policy import write_scores
 
+# what a decision is made of; run_id and decided_at say which run made it last
+DECISION_COLUMNS = ("r_policy", "max_r_expert", "best_alt_idx", "high_alt_idxs", "is_candidate", "reason", "gamma_low",
+                    "gamma_high", "k", "order")
+
 
 def decide(policy_scores: DataFrame, alt_scores: DataFrame, gamma_low: float, gamma_high: float) -> DataFrame:
     """The paper's rule over (trajectory_id, step_idx, score) of policy actions and
@@ -85,7 +89,12 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             F.lit(run_id).alias("run_id"),
             F.current_timestamp().alias("decided_at"),
         )
-        merge(spark, cfg, "critical_candidates", decisions, update=True)
+        # only new or changed decisions (new scores, other thresholds) go into the MERGE: Delta rewrites every file
+        # holding a matched row even when an update condition leaves the row as it was, so a rerun writes nothing
+        stored = read_table(spark, cfg, "critical_candidates").select("trajectory_id", "step_idx", *DECISION_COLUMNS)
+        same = " AND ".join(f"s.`{c}` <=> t.`{c}`" for c in ("trajectory_id", "step_idx", *DECISION_COLUMNS))
+        fresh = decisions.alias("s").join(stored.alias("t"), F.expr(same), "left_anti")
+        merge(spark, cfg, "critical_candidates", fresh, update=True)
         stats["candidates"] = (
             read_table(spark, cfg, "critical_candidates")
             .join(steps, ["trajectory_id", "step_idx"], "left_semi")

@@ -21,6 +21,7 @@ from cso_lib.stages.common import (
     ledger_bundles,
     map_batches,
     materialize,
+    nothing_to_do,
     resolve_run_id,
     role_ledger,
     todo_states,
@@ -94,6 +95,10 @@ def write_scores(spark: SparkSession, cfg: Config, run_id: str, todo: DataFrame,
     cfg_json = cfg.model_dump_json()
     prm = build_models(cfg).prm
     llm = isinstance(prm, LLMRole)
+    if todo.isEmpty():  # every score is stored already
+        stats["unscored"] = 0
+        nothing_to_do(spark, cfg, stats)
+        return
     bundled = ledger_bundles(spark, cfg, run_id, todo, prm, stage, stats,
                              lambda rows: hash_rows(cfg_json, rows),
                              lambda rows: plan_rows(cfg_json, stage, run_id, rows))

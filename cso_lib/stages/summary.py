@@ -8,6 +8,8 @@ truth, so they are computed only for trajectories of the simulation world.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
@@ -53,25 +55,35 @@ def compute(cfg: Config, spark: SparkSession) -> dict:
         .persist()
     )
     rollouts = read_table(spark, cfg, "branch_rollouts").join(steps, ["trajectory_id", "step_idx"], "left_semi")
-    supervised = pairs.select("trajectory_id", "step_idx").distinct().count()
+    r = rollouts.agg(F.count("*").alias("n"), F.count_if("success").alias("successes")).first()
+    p = pairs.agg(
+        F.count("*").alias("n"),
+        F.count_distinct("trajectory_id", "step_idx").alias("supervised"),
+        F.count_if(F.col("env") == "sim").alias("sim"),
+        F.count_if((F.col("env") == "sim") & F.col("sim_true_fix")).alias("sim_true_fix"),
+    ).first()
+    supervised = p["supervised"]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # small tables: the driver's planning dominates each count
+        table_counts = dict(zip(TABLES, pool.map(lambda name: read_table(spark, cfg, name).count(), TABLES),
+                                strict=True))
     out = {
         "run_id": run_id,
         "verify": cfg.cso.verify,
         "order": cfg.cso.order,
-        "tables": {name: read_table(spark, cfg, name).count() for name in TABLES},
+        "tables": table_counts,
         "trajectories": steps.select("trajectory_id").distinct().count(),
         "steps": n_steps,
         "candidates": cands.where("is_candidate").count(),
-        "rollouts": rollouts.count(),
-        "rollout_successes": rollouts.where("success").count(),
-        "pairs": pairs.count(),
+        "rollouts": r["n"],
+        "rollout_successes": r["successes"],
+        "pairs": p["n"],
         "steps_supervised": supervised,
         "share_steps_supervised": supervised / n_steps if n_steps else 0.0,
     }
     sim_pairs = pairs.where(F.col("env") == "sim")
     if work_trajectories(spark, cfg, run_id).where(F.col("env") == "sim").limit(1).count():
-        n_sim = sim_pairs.count()
-        out["precision"] = (sim_pairs.where("sim_true_fix").count() / n_sim) if n_sim else None
+        n_sim = p["sim"]
+        out["precision"] = (p["sim_true_fix"] / n_sim) if n_sim else None
         sim_steps = steps.join(
             read_table(spark, cfg, "trajectories").where(F.col("env") == "sim").select("trajectory_id"),
             "trajectory_id", "left_semi").withColumn("todo", F.lit(1))

@@ -34,6 +34,7 @@ from cso_lib.stages.common import (
     ledger_bundles,
     map_batches,
     materialize,
+    nothing_to_do,
     resolve_run_id,
     role_ledger,
     todo_states,
@@ -115,6 +116,10 @@ def run(cfg: Config, spark: SparkSession) -> dict:
         )
         stats["rows_in"] = todo.count()
         stats["judge"] = judge.name
+        if not stats["rows_in"]:  # every verified pair is classified by this judge
+            stats["unclassified"], stats["categories"] = 0, {}
+            nothing_to_do(spark, cfg, stats)
+            return {"run_id": run_id, **stats}
         cfg_json = cfg.model_dump_json()
         try:
             bundled = ledger_bundles(spark, cfg, run_id, todo, judge, "taxonomy", stats,
