@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from cso_lib.config import Config
+from cso_lib.delta_commit import append_rows
 from schemas.tables import KEYS, TABLES
 
 log = logging.getLogger("cso")
@@ -72,12 +73,13 @@ def ensure_table(spark: SparkSession, cfg: Config, name: str) -> str:
     return path
 
 
-def ensure_tables(spark: SparkSession, cfg: Config) -> None:
-    """Create every missing table, several at once (each creation is a Delta commit made by the driver)."""
+def ensure_tables(spark: SparkSession, cfg: Config, names: Iterable[str] = TABLES) -> None:
+    """Create every missing table (of `names`), several at once (each creation is a Delta commit made by the
+    driver)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(lambda name: ensure_table(spark, cfg, name), TABLES))
+        list(pool.map(lambda name: ensure_table(spark, cfg, name), names))
 
 
 def read_table(spark: SparkSession, cfg: Config, name: str) -> DataFrame:
@@ -190,9 +192,9 @@ def record_run(spark: SparkSession, cfg: Config, run_id: str, stage: str, starte
     log.info("stage=%s run_id=%s rows_in=%s rows_out=%s seconds=%.1f details=%s", stage, run_id,
              stats.get("rows_in"), stats.get("rows_out"), seconds, details)
     row = [(run_id, stage, started, now(), seconds, stats.get("rows_in"), stats.get("rows_out"), details)]
-    spark.createDataFrame(row, TABLES["runs"]).write.format("delta").mode("append").save(
-        ensure_table(spark, cfg, "runs")
-    )
+    path = ensure_table(spark, cfg, "runs")
+    if not append_rows(spark, path, TABLES["runs"], row):  # pyarrow file + direct commit, else Spark
+        spark.createDataFrame(row, TABLES["runs"]).write.format("delta").mode("append").save(path)
 
 
 def new_run_id(kind: str = "run") -> str:

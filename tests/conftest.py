@@ -35,9 +35,9 @@ if os.environ.get("CSO_TEST_JVM_DEFAULTS", "1") != "0":
 # the end.
 SIM_PIPELINE_MODULES = {"test_pipeline", "test_train_dpo", "test_taxonomy", "test_baselines"}
 MODULE_SECONDS = {
-    "tests/test_cluster.py": 300, "sim_pipeline": 260, "tests/test_batch_mode.py": 250, "tests/test_ledger.py": 250,
+    "tests/test_cluster.py": 240, "sim_pipeline": 260, "tests/test_batch_mode.py": 250, "tests/test_ledger.py": 250,
     "tests/test_vllm_backend.py": 160, "tests/test_real_server.py": 100, "tests/test_iterate.py": 80,
-    "tests/test_incremental.py": 80, "tests/test_ingest_spark.py": 40,
+    "tests/test_incremental.py": 80, "tests/test_ingest_commit.py": 70, "tests/test_ingest_spark.py": 40,
 }
 
 

@@ -174,9 +174,12 @@ def test_kill_9_after_submit_then_rerun_polls_the_same_batch(spark, runs, tmp_pa
         assert len(created) == 1
 
         srv.batch_polls = 0  # the provider finishes the batch; the rerun must find it, not submit another
-        with open(tmp_path / "rerun.log", "wb") as out:
-            subprocess.run([sys.executable, "-m", "cso_lib.cli", "score-policy", "--config", str(path)],
-                           env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400, check=True)
+        # The rerun: the same stage in another application (the test's own Spark session; the key in its
+        # workers' environment too, as a cluster's executors have it).
+        monkeypatch.setitem(spark.sparkContext.environment, "CSO_BATCH_KEY", KEY)
+        rerun = cfg.model_copy(deep=True)
+        rerun.spark.conf = {}
+        score_policy.run(rerun, spark)
         assert [e["hash"] for e in srv.log if e["outcome"] == "created"] == created  # one batch, ever
         assert not [e for e in srv.log if e["path"].endswith("/chat/completions")]
     batches = read_table(spark, cfg, "llm_batches").collect()
@@ -185,7 +188,7 @@ def test_kill_9_after_submit_then_rerun_polls_the_same_batch(spark, runs, tmp_pa
     assert _scores(spark, cfg) == online_policy
 
     # The key is nowhere: job output, Spark event log, journals, the config file, any table's text.
-    texts = [tmp_path / "job.log", tmp_path / "rerun.log", path, *events.rglob("*"), *Path(cfg.journal_path).rglob("*")]
+    texts = [tmp_path / "job.log", path, *events.rglob("*"), *Path(cfg.journal_path).rglob("*")]
     assert any(p.is_file() and p.stat().st_size for p in events.rglob("*")), "no event log written"
     for p in texts:
         if p.is_file():

@@ -127,7 +127,7 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path, 
 
     import yaml
 
-    from cso_lib.stages import ingest, select
+    from cso_lib.stages import ingest, score_policy, select
 
     base, cfg_clean, _, _, _, _ = clean
     monkeypatch.setenv("CSO_TEST_KEY", KEY)
@@ -158,11 +158,14 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path, 
         n_before = len(srv.log)
         assert 20 <= len(answered_before)
 
-        # The rerun, as a scheduler would run it: the same command again (its executors get the key from
-        # their environment, as on a cluster with spark.executorEnv).
-        with open(tmp_path / "rerun.log", "wb") as out2:
-            subprocess.run([sys.executable, "-m", "cso_lib.cli", "score-policy", "--config", str(path)],
-                           env=env, stdout=out2, stderr=subprocess.STDOUT, timeout=400, check=True)
+        # The rerun: the same stage again, in another application (the test's own Spark session, whose Python
+        # workers get the key from their environment, as a cluster's executors do with spark.executorEnv),
+        # without the pacing that kept the killed run going.
+        monkeypatch.setitem(spark.sparkContext.environment, "CSO_TEST_KEY", KEY)
+        rerun = cfg.model_copy(deep=True)
+        rerun.prm.requests_per_minute = None
+        rerun.spark.conf = {}
+        score_policy.run(rerun, spark)
         after = srv.log[n_before:]
         runs = read_table(spark, cfg, "runs").where("stage = 'score_policy' AND run_id = 'killed-run'")
         result = json.loads(runs.orderBy(F.col("started_at").desc()).first()["details"])
@@ -175,7 +178,7 @@ def test_kill_9_mid_stage_then_rerun_pays_nothing_twice(spark, clean, tmp_path, 
     assert all(e["outcome"] == "ok" for e in srv.log)  # every request carried the key
 
     # The key is nowhere: job output, Spark event log, journal, the config file, any table's text.
-    texts = [tmp_path / "job.log", tmp_path / "rerun.log", path, *events.rglob("*"), *Path(cfg.journal_path).rglob("*")]
+    texts = [tmp_path / "job.log", path, *events.rglob("*"), *Path(cfg.journal_path).rglob("*")]
     assert any(p.is_file() and p.stat().st_size for p in events.rglob("*")), "no event log written"
     for p in texts:
         if p.is_file():

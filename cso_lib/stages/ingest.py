@@ -21,7 +21,7 @@ import io
 import secrets
 from collections.abc import Iterator
 from functools import partial
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 import pyarrow as pa
@@ -32,10 +32,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from cso_lib.config import Config
-from cso_lib.delta_io import new_run_id, stage_run
+from cso_lib.delta_io import ensure_tables, new_run_id, now, stage_run
 from cso_lib.errors import InputError, RecordError
 from cso_lib.ingest import RAW_HEAD_BYTES, convert, fast_native, iter_jsonl, load, raw_head, record_id
-from cso_lib.stages.ingest_load import FILES, Staging, filesystem
+from cso_lib.stages.ingest_load import FILES, Staging, filesystem, plan_writes
 from cso_lib.stages.ingest_load import load as load_staged
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -89,10 +89,10 @@ def _array_records(out: Staging, path: str, max_bytes: int, env: str) -> None:
 
 
 def read_splits(
-    batches: Iterator[pa.RecordBatch], max_bytes: int, env: str, staging: str
+    batches: Iterator[pa.RecordBatch], max_bytes: int, env: str, writes: dict[str, Any]
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: SPLITS rows -> staging files of every record found in each split; FILES rows."""
-    out = Staging(staging)
+    """mapInArrow: SPLITS rows -> the files of every record found in each split (see Staging); FILES rows."""
+    out = Staging(**writes)
     for batch in batches:
         for path, start, end, kind in zip(*batch.to_pydict().values(), strict=True):
             if kind == "array":
@@ -108,13 +108,13 @@ def read_splits(
 
 
 def convert_rows(
-    batches: Iterator[pa.RecordBatch], source: str, max_bytes: int, env: str, staging: str
+    batches: Iterator[pa.RecordBatch], source: str, max_bytes: int, env: str, writes: dict[str, Any]
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: rows (raw, name, block) of a Delta table of raw logs -> staging files; FILES rows.
+    """mapInArrow: rows (raw, name, block) of a Delta table of raw logs -> files (see Staging); FILES rows.
 
     Without an id column a record is located by its Parquet file, the file's block, and its row there.
     """
-    out = Staging(staging)
+    out = Staging(**writes)
     seen: dict[tuple[str, int], int] = {}
     for batch in batches:
         for raw, name, block in zip(*batch.to_pydict().values(), strict=True):
@@ -162,17 +162,17 @@ def plan_splits(files: list[tuple[str, int]], split_bytes: int) -> list[tuple[st
     return splits
 
 
-def _from_files(cfg: Config, spark: SparkSession, staging: str) -> DataFrame:
+def _from_files(cfg: Config, spark: SparkSession, writes: dict[str, Any]) -> DataFrame:
     paths = cfg.ingest.paths or [cfg.sim_logs_dir]
     splits = plan_splits(list_files(paths), cfg.ingest.split_bytes)
     # One split per task. Local rows, dealt round-robin: no Python RDD (whose conversion runs a Python worker
     # of its own beside the one of mapInArrow).
     planned = spark.createDataFrame(splits, SPLITS).repartition(max(len(splits), 1))
-    fn = partial(read_splits, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env, staging=staging)
+    fn = partial(read_splits, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env, writes=writes)
     return planned.mapInArrow(fn, FILES)
 
 
-def _from_table(cfg: Config, spark: SparkSession, staging: str) -> DataFrame:
+def _from_table(cfg: Config, spark: SparkSession, writes: dict[str, Any]) -> DataFrame:
     path = cfg.ingest.source_table
     if not DeltaTable.isDeltaTable(spark, path):
         raise InputError(f"ingest.source_table {path!r} is not a Delta table (or does not exist)")
@@ -195,7 +195,7 @@ def _from_table(cfg: Config, spark: SparkSession, staging: str) -> DataFrame:
         )
     fn = partial(
         convert_rows, source=path, max_bytes=cfg.ingest.max_record_bytes, env=cfg.ingest.default_env,
-        staging=staging,
+        writes=writes,
     )
     return located.mapInArrow(fn, FILES)
 
@@ -208,8 +208,12 @@ def run(cfg: Config, spark: SparkSession) -> dict:
     with stage_run(spark, cfg, run_id, "ingest") as stats:
         stats["run_id"] = run_id
         try:
-            source = _from_table(cfg, spark, staging) if cfg.ingest.source_table else _from_files(cfg, spark, staging)
-            stats.update(load_staged(spark, cfg, run_id, source.collect()))
+            ensure_tables(spark, cfg, ("trajectories", "steps", "quarantine", "runs"))
+            dirs, stats_columns = plan_writes(spark, cfg, staging)
+            writes = {"staging": staging, "dirs": dirs, "run_id": run_id, "stamp": now(),
+                      "stats_columns": stats_columns}
+            source = _from_table(cfg, spark, writes) if cfg.ingest.source_table else _from_files(cfg, spark, writes)
+            stats.update(load_staged(spark, cfg, run_id, source.collect(), dirs, stats_columns))
         finally:
             if fs.get_file_info(root).type != pafs.FileType.NotFound:
                 fs.delete_dir(root)
