@@ -104,6 +104,40 @@ def _to_list(spark: SparkSession, items: list[Any]) -> Any:
     return jvm.scala.jdk.javaapi.CollectionConverters.asScala(jvm.java.util.ArrayList(items)).toList()
 
 
+_API: dict[int, str | None] = {}  # id of the JVM gateway -> api_problem's answer
+
+
+def api_problem(spark: SparkSession) -> str | None:
+    """Why this JVM's Delta lacks the transaction API DirectAppend drives (a Delta other than the pinned
+    delta-spark 4.0, e.g. a vendor's runtime); None when it has it. Checked once per JVM by reflection."""
+    key = id(spark.sparkContext._gateway)  # type: ignore[attr-defined]
+    if key not in _API:
+        _API[key] = _api_problem(spark)
+    return _API[key]
+
+
+def _api_problem(spark: SparkSession) -> str | None:
+    jvm = spark._jvm  # type: ignore[attr-defined]
+    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    wanted = {
+        "org.apache.spark.sql.delta.OptimisticTransaction": {
+            ("readWholeTable", 0), ("commit", 2), ("registerSQLMetrics", 2), ("snapshot", 0)},
+        "org.apache.spark.sql.delta.DeltaLog": {("startTransaction", 0)},
+        "org.apache.spark.sql.delta.actions.Action": {("fromJson", 1)},
+    }
+    try:
+        for name, methods in wanted.items():
+            have = {(m.getName(), len(m.getParameterTypes())) for m in loader.loadClass(name).getMethods()}
+            if not methods <= have:
+                return f"{name} lacks {sorted(methods - have)}"
+        write = loader.loadClass("org.apache.spark.sql.delta.DeltaOperations$Write")
+        if 4 not in {len(c.getParameterTypes()) for c in write.getConstructors()}:
+            return "DeltaOperations.Write has no 4-argument constructor"
+    except Exception as e:  # noqa: BLE001 - a missing class arrives as a Py4JJavaError
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 class DirectAppend:
     """One Delta transaction on the table at `path` (started now) that appends externally written files."""
 
@@ -210,6 +244,8 @@ def append_rows(spark: SparkSession, path: str, schema: StructType, rows: list[t
     """Blind-append a few `rows` (tuples in `schema`'s order) to the Delta table at `path` with one file
     written by pyarrow and a direct commit: no Spark job (a Spark append of one row costs a job and ~0.5 s).
     False, writing nothing, when the table's layout does not allow it; the caller then appends with Spark."""
+    if api_problem(spark) is not None:
+        return False
     table = DirectAppend(spark, path)
     if table.layout_problem(schema) is not None:
         return False
@@ -221,3 +257,25 @@ def append_rows(spark: SparkSession, path: str, schema: StructType, rows: list[t
             raise ValueError(f"{path}: a row has no {field.name!r}")
     table.commit([table.write(data)], read_whole_table=False)
     return True
+
+
+class LatestTable:
+    """What the ingest reads of a table when this Delta lacks DirectAppend's API: the latest version, its
+    number of files from Delta's public API (DESCRIBE DETAIL). No commits."""
+
+    def __init__(self, spark: SparkSession, path: str) -> None:
+        self.spark, self.path = spark, path
+
+    @property
+    def num_files(self) -> int:
+        from delta.tables import DeltaTable
+
+        return int(DeltaTable.forPath(self.spark, self.path).detail().select("numFiles").first()[0])
+
+    def snapshot_df(self) -> DataFrame:
+        return self.spark.read.format("delta").load(self.path)
+
+
+def snapshot(spark: SparkSession, path: str) -> DirectAppend | LatestTable:
+    """A DirectAppend on the table at `path`, or its LatestTable when this Delta lacks the API."""
+    return DirectAppend(spark, path) if api_problem(spark) is None else LatestTable(spark, path)

@@ -57,6 +57,10 @@ def _stray(spark, cfg, name) -> set[str]:
     return {p.name for p in folder.glob("*.parquet")} - {a["path"] for a in _adds(cfg, name)}
 
 
+def _writes(spark, cfg, name) -> list:
+    return spark.sql(f"DESCRIBE HISTORY delta.`{cfg.storage.table(name)}`").where("operation = 'WRITE'").collect()
+
+
 def _once(df, *keys) -> bool:
     return df.count() == df.select(*keys).distinct().count()
 
@@ -79,17 +83,24 @@ def test_first_ingest_commits_the_files_it_wrote_with_true_statistics(spark, mak
         assert history["operation"] == "WRITE" and not history["isBlindAppend"]
         assert int(history["operationMetrics"]["numOutputRows"]) == rows
         # Each file's statistics are its rows' own: count, nulls, min and max per statistics column.
-        with_file = df.withColumn("f", F.regexp_extract("_metadata.file_path", r"[^/]+$", 0))
+        columns = json.loads(adds[0]["stats"])["nullCount"]
+        assert "trajectory_id" in columns
+        actual = {
+            r["f"]: r.asDict()
+            for r in df.groupBy(F.regexp_extract("_metadata.file_path", r"[^/]+$", 0).alias("f")).agg(
+                F.count("*").alias("rows"),
+                *[F.count_if(F.col(c).isNull()).alias(f"null {c}") for c in columns],
+                *[F.min(c).alias(f"min {c}") for c in columns],
+                *[F.max(c).alias(f"max {c}") for c in columns],
+            ).collect()
+        }
         for add in adds:
-            st = json.loads(add["stats"])
-            part = with_file.where(F.col("f") == add["path"])
-            assert st["numRecords"] == part.count()
+            st, got = json.loads(add["stats"]), actual[add["path"]]
+            assert st["numRecords"] == got["rows"]
             for col, nulls in st["nullCount"].items():
-                assert part.where(F.col(col).isNull()).count() == nulls, (name, col)
+                assert got[f"null {col}"] == nulls, (name, col)
             for col, low in st["minValues"].items():
-                got = part.agg(F.min(col), F.max(col)).first()
-                assert (low, st["maxValues"][col]) == (got[0], got[1]), (name, col)
-        assert "trajectory_id" in adds[0]["stats"]
+                assert (low, st["maxValues"][col]) == (got[f"min {col}"], got[f"max {col}"]), (name, col)
 
     # Delta's data skipping reads those statistics (a file whose bounds were wrong would be skipped).
     steps = _table(spark, cfg, "steps")
@@ -195,3 +206,38 @@ def test_a_table_with_a_check_constraint_is_written_through_spark(spark, make_cf
     assert _table(spark, cfg, "steps").count() == sum(1 + i % 3 for i in range(12))
     assert not any(PASS_FILE.fullmatch(a["path"]) for a in _adds(cfg, "steps"))  # Spark's own files
     assert not any(PASS_FILE.fullmatch(a["path"]) for a in _adds(cfg, "trajectories"))  # both tables
+
+
+def test_a_delta_without_the_transaction_api_is_written_through_spark(spark, make_cfg, tmp_path, monkeypatch,
+                                                                      caplog):
+    """A Delta other than the pinned one (a vendor's runtime) may lack the classes DirectAppend drives: the
+    ingest and the runs records then go through Spark's writer, with a warning naming why."""
+    logs = tmp_path / "logs"
+    _write(logs / "a.jsonl", range(15))
+    cfg = make_cfg(f"ingest.paths=[{logs}]")
+    monkeypatch.setattr(delta_commit, "_API", {})
+    monkeypatch.setattr(delta_commit, "_api_problem", lambda spark: "no OptimisticTransaction here")
+    with caplog.at_level(logging.WARNING, logger="cso"):
+        stats = ingest.run(cfg, spark)
+    assert "transaction API differs (no OptimisticTransaction here)" in caplog.text
+    assert stats["new"] == 15 and _table(spark, cfg, "trajectories").count() == 15
+    assert _once(_table(spark, cfg, "steps"), "trajectory_id", "step_idx")
+    for name in ("trajectories", "steps"):
+        assert not any(PASS_FILE.fullmatch(a["path"]) for a in _adds(cfg, name)), name
+    assert all("partitionBy" in h["operationParameters"] for h in _writes(spark, cfg, "runs"))  # Spark's writer
+    assert ingest.run(cfg, spark)["new"] == 0
+
+
+def test_runs_records_are_direct_blind_appends(spark, make_cfg, tmp_path):
+    logs = tmp_path / "logs"
+    _write(logs / "a.jsonl", range(3))
+    cfg = make_cfg(f"ingest.paths=[{logs}]")
+    ingest.run(cfg, spark)
+    ingest.run(cfg, spark)
+    runs = _table(spark, cfg, "runs").where("stage = 'ingest'").orderBy("started_at").collect()
+    assert [json.loads(r["details"])["new"] for r in runs] == [3, 0]
+    assert all(r["finished_at"] >= r["started_at"] and r["seconds"] > 0 for r in runs)
+    history = _writes(spark, cfg, "runs")
+    assert len(history) == 2 and all(h["isBlindAppend"] for h in history)
+    assert not any("partitionBy" in h["operationParameters"] for h in history)  # not Spark's writer: ours
+    assert all(int(h["operationMetrics"]["numOutputRows"]) == 1 for h in history)

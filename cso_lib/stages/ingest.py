@@ -3,16 +3,18 @@
 
 One pass parses: the driver lists the input and cuts it into byte splits of about `ingest.split_bytes`
 (a JSON-array file is one split); `mapInArrow` reads each split on an executor, aligned to line boundaries,
-turns every record into staging rows (trajectory + steps, or quarantined + reason) with cso_lib.ingest and
-writes them to Parquet staging files itself (see cso_lib.stages.ingest_load); only the file names come back.
-Then verdicts decide, per ok row, new / already present / duplicate in this batch / conflicting with an
-ingested trajectory of the same id (skipped on a first ingest without duplicate ids), and insert-only writes
-fill quarantine, steps, then trajectories (the trajectory row last, so a crash between the two is repaired
-by the rerun). Re-ingesting the same input adds nothing. Counts reconcile: read = accepted + quarantined,
-accepted = new + already_present.
+turns every record into rows (trajectory + steps, or quarantined + reason) with cso_lib.ingest and writes
+them to Parquet itself: `trajectories` and `steps` rows into the tables' folders, uncommitted, and an index
+and the quarantined records into a staging folder (see cso_lib.stages.ingest_load); only the file names come
+back. Then verdicts decide, per accepted record, new / already present / duplicate in this batch / conflicting
+with an ingested trajectory of the same id (skipped when no id repeats and none is in the table), quarantine
+is MERGEd, and the files of new rows are committed to `steps`, then `trajectories` (the trajectory row last,
+so a crash between the two is repaired by the rerun), in Delta transactions that read the table (not blind).
+Re-ingesting the same input adds nothing. Counts reconcile: read = accepted + quarantined, accepted = new +
+already_present.
 
-Files are opened and staging files written with pyarrow.fs, so input paths and `storage.staging_dir` may be
-local or URIs pyarrow understands (s3:// or s3a://, gs://, hdfs://); Spark reads the staging files back.
+Files are opened and written with pyarrow.fs, so input paths, the warehouse and `storage.staging_dir` may be
+local or URIs pyarrow understands (s3:// or s3a://, gs://, hdfs://).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from cso_lib.config import Config
-from cso_lib.delta_commit import DataFile, DirectAppend, FileStats
+from cso_lib.delta_commit import DataFile, DirectAppend, FileStats, LatestTable, api_problem, snapshot
 from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, ensure_table, insert_new, merge, now
 from cso_lib.errors import InputError
 from cso_lib.ingest import Trajectory
@@ -300,14 +300,18 @@ def plan_writes(spark: SparkSession, cfg: Config, staging: str) -> tuple[dict[st
     pyarrow (DirectAppend.layout_problem), else `<staging>/t` and `<staging>/s`; and the statistics columns of
     each table."""
     dirs, stats = {}, {}
-    problems = []
+    api = api_problem(spark)
+    problems = [f"this Delta's transaction API differs ({api})"] if api else []
     for kind, name in TABLE_OF.items():
         path = ensure_table(spark, cfg, name)
+        dirs[kind], stats[kind] = path, []
+        if api:
+            continue
         table = DirectAppend(spark, path)
         problem = table.layout_problem(FILE_SCHEMAS[kind])
         if problem:
             problems.append(f"{name}: {problem}")
-        dirs[kind], stats[kind] = path, table.stats_columns()
+        stats[kind] = table.stats_columns()
     if problems:
         log.warning("ingest writes through Spark, not by committing its own files: %s", "; ".join(problems))
         dirs = {kind: f"{staging.rstrip('/')}/{kind}" for kind in TABLE_OF}
@@ -366,14 +370,14 @@ def _delete(paths: list[str]) -> None:
             pass
 
 
-def _write(spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend, files: list[dict[str, Any]],
+def _write(spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend | LatestTable, files: list[dict[str, Any]],
            direct: bool) -> set[str]:
     """Commit `files` (FILES-like dicts) to the table of `kind` in `txn`, or, when they are staged or a
     concurrent commit got in first, write their rows with insert_new. The paths committed as they are."""
     if not files or not sum(f["rows"] for f in files):
         return set()
     name = TABLE_OF[kind]
-    if direct:
+    if direct and isinstance(txn, DirectAppend):
         folder = txn.path.rstrip("/")
         data = [DataFile(f["path"][len(folder) + 1:], f["bytes"], f["rows"], f["stats"]) for f in files]
         try:
@@ -399,7 +403,7 @@ def load(spark: SparkSession, cfg: Config, run_id: str, files: list[Any], dirs: 
     committed: set[str] = set()
     verdicts = None
     try:
-        t_txn = DirectAppend(spark, ensure_table(spark, cfg, "trajectories"))
+        t_txn = snapshot(spark, ensure_table(spark, cfg, "trajectories"))
         existing = t_txn.snapshot_df()
         ids = index.select(F.count_distinct("trajectory_id")).first()[0] if ok else 0
         all_new = ids == ok and (
@@ -429,7 +433,7 @@ def load(spark: SparkSession, cfg: Config, run_id: str, files: list[Any], dirs: 
             )
 
         # Steps of new records whose trajectory `steps` already holds: a run killed between the two commits.
-        s_txn = DirectAppend(spark, ensure_table(spark, cfg, "steps"))
+        s_txn = snapshot(spark, ensure_table(spark, cfg, "steps"))
         held = None
         if s_txn.num_files and ok:
             candidates = index if new is None else index.join(F.broadcast(new), "rec", "left_semi")
