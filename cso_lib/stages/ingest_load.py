@@ -377,8 +377,8 @@ def _write(spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend | Late
     if not files or not sum(f["rows"] for f in files):
         return set()
     name = TABLE_OF[kind]
-    if direct and isinstance(txn, DirectAppend):
-        folder = txn.path.rstrip("/")
+    folder = txn.path.rstrip("/")
+    if direct and isinstance(txn, DirectAppend) and all(f["path"].startswith(f"{folder}/") for f in files):
         data = [DataFile(f["path"][len(folder) + 1:], f["bytes"], f["rows"], f["stats"]) for f in files]
         try:
             txn.commit(data)
