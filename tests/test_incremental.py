@@ -110,6 +110,10 @@ def test_housekeeping_compacts_zorders_vacuums_and_sets_properties(spark, scenar
         (staging / name / "s").mkdir(parents=True)
         stamp = time.time() - age_hours * 3600
         os.utime(staging / name, (stamp, stamp))
+    # and a file a killed ingest's task wrote into the table's folder but nobody committed
+    orphan = Path(steps_path) / "part-00003-0-0123456789ab-c000.snappy.parquet"
+    orphan.write_bytes(b"PAR1 never committed")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
     before = {n: read_table(spark, cfg, n).count() for n in ("trajectories", "steps", "work_set")}
     cfg.housekeeping.tables = ["trajectories", "steps", "work_set"]
     cfg.housekeeping.retain_hours = 0
@@ -124,7 +128,7 @@ def test_housekeeping_compacts_zorders_vacuums_and_sets_properties(spark, scenar
     assert [Path(p).name for p in result["staging_removed"]] == ["ingest-killed-run"]
     assert sorted(p.name for p in staging.iterdir()) == ["ingest-running-now"]
     assert t["steps"]["files_before"] > t["steps"]["files_after"] == 1  # three ingests' files, compacted
-    assert t["steps"]["files_deleted"] > 0
+    assert t["steps"]["files_deleted"] > 0 and not orphan.exists()
     history = DeltaTable.forPath(spark, cfg.storage.table("trajectories")).history()
     optimize = history.where(F.col("operation") == "OPTIMIZE").first()
     assert "policy_version" in optimize["operationParameters"]["zOrderBy"]
