@@ -24,15 +24,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import StructType
+
+from cso_lib.errors import InputError
 
 DEFAULT_INDEXED_COLS = 32  # Delta's delta.dataSkippingNumIndexedCols
 STATS_TEXT_CHARS = 256  # string statistics longer than this: min cut to a prefix, max left out
@@ -92,6 +96,43 @@ class FileStats:
             {"numRecords": self.rows, "minValues": low, "maxValues": high, "nullCount": self.nulls},
             separators=(",", ":"),
         )
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a path or URI, and the path inside it. Hadoop's `s3a://` / `s3n://` are S3.
+
+    >>> type(filesystem("/tmp/x")[0]).__name__, filesystem("/tmp/x")[1]
+    ('LocalFileSystem', '/tmp/x')
+    """
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    scheme, rest = uri.split("://", 1)
+    if scheme in ("s3a", "s3n"):
+        uri = f"s3://{rest}"
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"{uri!r}: pyarrow cannot open this filesystem ({e})") from e
+
+
+def require_values(batch: pa.RecordBatch | pa.Table, where: str) -> None:
+    """Raise when a column its schema declares non-nullable holds a null (Delta's writer checks the table's
+    NOT NULL invariants; a file committed directly is not checked by Delta)."""
+    for field, values in zip(batch.schema, batch.columns, strict=True):
+        if not field.nullable and values.null_count:
+            raise ValueError(f"{where}: a row has no {field.name!r}")
+
+
+def write_parquet(uri: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], stats_columns: list[str]) -> tuple[int, str]:
+    """Write `batches` to one Parquet file at `uri` (snappy, a row group per batch); its size in bytes and its
+    Delta statistics JSON (FileStats over `stats_columns`)."""
+    fs, path = filesystem(uri)
+    stats = FileStats(schema, stats_columns)
+    with pq.ParquetWriter(path, schema, filesystem=fs, compression="snappy") as writer:
+        for batch in batches:
+            stats.update(batch)
+            writer.write_batch(batch)
+    return fs.get_file_info(path).size, stats.json()
 
 
 def _delta(spark: SparkSession) -> Any:
@@ -159,8 +200,6 @@ class DirectAppend:
         """Data files in the snapshot: `numFiles` of the version's checksum file (`_delta_log/<v>.crc`, which
         Delta writes at each commit), else by reconstructing the snapshot's state (a Spark job). (Delta's own
         `numOfFilesIfKnown` reads the same file but took about a second per table here.)"""
-        from cso_lib.stages.ingest_load import filesystem  # (that module imports this one)
-
         fs, crc = filesystem(f"{self.path.rstrip('/')}/_delta_log/{self.version:020d}.crc")
         try:
             with fs.open_input_stream(crc) as f:
@@ -199,15 +238,10 @@ class DirectAppend:
 
     def write(self, rows: pa.Table) -> DataFile:
         """Write `rows` (the table's columns) to one Parquet file in the table's folder, uncommitted."""
-        from cso_lib.stages.ingest_load import filesystem  # (that module imports this one)
-
         name = f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"
-        fs, path = filesystem(f"{self.path.rstrip('/')}/{name}")
-        stats = FileStats(rows.schema, self.stats_columns())
-        for batch in rows.to_batches():
-            stats.update(batch)
-        pq.write_table(rows, path, filesystem=fs, compression="snappy")
-        return DataFile(name, fs.get_file_info(path).size, rows.num_rows, stats.json())
+        size, stats = write_parquet(f"{self.path.rstrip('/')}/{name}", rows.schema, rows.to_batches(),
+                                    self.stats_columns())
+        return DataFile(name, size, rows.num_rows, stats)
 
     def commit(self, files: list[DataFile], read_whole_table: bool = True) -> int:
         """Commit `files` (already in the table's folder) as one WRITE (append); the new version. By default
@@ -252,9 +286,7 @@ def append_rows(spark: SparkSession, path: str, schema: StructType, rows: list[t
     arrow = to_arrow_schema(schema)
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(arrow)
     data = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, arrow, strict=True)], schema=arrow)
-    for field, values in zip(arrow, data.columns, strict=True):
-        if not field.nullable and values.null_count:
-            raise ValueError(f"{path}: a row has no {field.name!r}")
+    require_values(data, path)
     table.commit([table.write(data)], read_whole_table=False)
     return True
 

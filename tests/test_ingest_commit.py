@@ -51,7 +51,7 @@ def _adds(cfg, name) -> list[dict]:
     return adds
 
 
-def _stray(spark, cfg, name) -> set[str]:
+def _stray(cfg, name) -> set[str]:
     """Parquet files in the table's folder that no version of its log adds."""
     folder = Path(cfg.storage.table(name))
     return {p.name for p in folder.glob("*.parquet")} - {a["path"] for a in _adds(cfg, name)}
@@ -78,7 +78,7 @@ def test_first_ingest_commits_the_files_it_wrote_with_true_statistics(spark, mak
         assert df.count() == rows and _once(df, *keys)
         adds = _adds(cfg, name)
         assert len(adds) > 1 and all(PASS_FILE.fullmatch(a["path"]) for a in adds)  # the pass's own files
-        assert not _stray(spark, cfg, name)
+        assert not _stray(cfg, name)
         history = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.storage.table(name)}`").orderBy("version").collect()[-1]
         assert history["operation"] == "WRITE" and not history["isBlindAppend"]
         assert int(history["operationMetrics"]["numOutputRows"]) == rows
@@ -131,7 +131,7 @@ def test_mixed_batch_rewrites_only_the_files_with_old_rows(spark, make_cfg, tmp_
     new_adds = [a for a in _adds(cfg, "trajectories") if a["path"] not in before]
     assert len(new_adds) == 1 and PASS_FILE.fullmatch(new_adds[0]["path"])  # b's file, rewritten by pyarrow
     assert json.loads(new_adds[0]["stats"])["numRecords"] == 20
-    assert not _stray(spark, cfg, "trajectories") and not _stray(spark, cfg, "steps")
+    assert not _stray(cfg, "trajectories") and not _stray(cfg, "steps")
     assert ingest.run(cfg, spark)["new"] == 0  # and again: nothing
 
 
@@ -150,7 +150,7 @@ def test_steps_left_by_a_run_killed_between_the_commits_are_not_added_twice(spar
     s = _table(spark, cfg, "steps")
     assert s.count() == sum(1 + i % 3 for i in range(10)) and _once(s, "trajectory_id", "step_idx")
     assert s.where("ingest_run_id = 'killed'").count() == len(steps)
-    assert not _stray(spark, cfg, "steps")
+    assert not _stray(cfg, "steps")
 
 
 def test_a_commit_that_lands_first_makes_the_direct_commit_fall_back(spark, make_cfg, tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_a_commit_that_lands_first_makes_the_direct_commit_fall_back(spark, make
     ops = [r["operation"] for r in spark.sql(f"DESCRIBE HISTORY delta.`{cfg.storage.table('steps')}`").collect()]
     assert ops.count("WRITE") == 1 and "MERGE" in ops  # the fallback's append, after the concurrent MERGE
     assert not any(PASS_FILE.fullmatch(a["path"]) for a in _adds(cfg, "steps"))  # Spark wrote the rows
-    assert not _stray(spark, cfg, "steps")
+    assert not _stray(cfg, "steps")
     # trajectories had no competitor: its files were committed as written
     assert all(PASS_FILE.fullmatch(a["path"]) for a in _adds(cfg, "trajectories"))
 
@@ -198,7 +198,7 @@ def test_a_table_with_a_check_constraint_is_written_through_spark(spark, make_cf
             ingest.run(cfg, spark)
     assert "steps: the table has CHECK constraints" in caplog.text
     assert _table(spark, cfg, "steps").count() == 0
-    assert not [f for f in _stray(spark, cfg, "steps") if PASS_FILE.fullmatch(f)]  # (Spark's aborted write left its own)
+    assert not [f for f in _stray(cfg, "steps") if PASS_FILE.fullmatch(f)]  # (Spark's aborted write left its own)
 
     spark.sql(f"ALTER TABLE delta.`{cfg.storage.table('steps')}` DROP CONSTRAINT idx")
     spark.sql(f"ALTER TABLE delta.`{cfg.storage.table('steps')}` ADD CONSTRAINT idx CHECK (step_idx < 3)")

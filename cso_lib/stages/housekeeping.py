@@ -26,9 +26,9 @@ from pyspark.sql import functions as F
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from cso_lib.config import Config
+from cso_lib.delta_commit import filesystem
 from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, ensure_table, new_run_id, stage_run, table_properties
 from cso_lib.errors import ConfigError
-from cso_lib.stages.ingest_load import filesystem
 from schemas.tables import TABLES
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"

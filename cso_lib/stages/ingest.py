@@ -34,10 +34,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from cso_lib.config import Config
+from cso_lib.delta_commit import filesystem
 from cso_lib.delta_io import ensure_tables, new_run_id, now, stage_run
 from cso_lib.errors import InputError, RecordError
 from cso_lib.ingest import RAW_HEAD_BYTES, convert, fast_native, iter_jsonl, load, raw_head, record_id
-from cso_lib.stages.ingest_load import FILES, Staging, filesystem, plan_writes
+from cso_lib.stages.ingest_load import FILES, Staging, plan_writes
 from cso_lib.stages.ingest_load import load as load_staged
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -215,7 +216,7 @@ def run(cfg: Config, spark: SparkSession) -> dict:
             writes = {"staging": staging, "dirs": dirs, "run_id": run_id, "stamp": now(),
                       "stats_columns": stats_columns}
             source = _from_table(cfg, spark, writes) if cfg.ingest.source_table else _from_files(cfg, spark, writes)
-            stats.update(load_staged(spark, cfg, run_id, source.collect(), dirs, stats_columns))
+            stats.update(load_staged(spark, cfg, run_id, source.collect(), stats_columns))
         finally:
             if fs.get_file_info(root).type != pafs.FileType.NotFound:
                 fs.delete_dir(root)

@@ -4,8 +4,8 @@ The Python pass (cso_lib.stages.ingest) writes what it finds straight to Parquet
 task and kind, and returns only their names, sizes, row counts and Delta statistics (FILES rows):
 
 - `t`: the accepted records as `trajectories` rows and `s`: their steps as `steps` rows, written **into the
-  tables' folders** (uncommitted until the load commits them; `DIRECT`), or into the staging folder when a
-  table's layout does not allow it (see cso_lib.delta_commit.DirectAppend.layout_problem);
+  tables' folders** (uncommitted until the load commits them), or into the staging folder when a
+  table's layout or this Delta does not allow it (plan_writes);
 - `i`: an index of the accepted records (rec, source, locator, ordinal, trajectory id, content hash, their row
   in the `t` file, their number of `s` rows, the task's file group), in `<storage.staging_dir>/<run>/i/`;
 - `q`: the malformed records (rec, source, locator, ordinal, record_id, reason, first 4 KiB of raw text), in
@@ -47,15 +47,24 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import TaskContext
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from cso_lib.config import Config
-from cso_lib.delta_commit import DataFile, DirectAppend, FileStats, LatestTable, api_problem, snapshot
+from cso_lib.delta_commit import (
+    DataFile,
+    DirectAppend,
+    FileStats,
+    LatestTable,
+    api_problem,
+    filesystem,
+    require_values,
+    snapshot,
+    write_parquet,
+)
 from cso_lib.delta_io import CONCURRENT_WRITE_ERRORS, ensure_table, insert_new, merge, now
-from cso_lib.errors import InputError
 from cso_lib.ingest import Trajectory
 from schemas.tables import STEPS, TRAJECTORIES
 
@@ -113,23 +122,6 @@ _T_HEAD = [f.name for f in TRAJECTORIES.fields][: TRAJECTORIES.fieldNames().inde
 _trajectory_head = attrgetter(*_T_HEAD)
 assert TRAJECTORIES.fieldNames()[len(_T_HEAD):] == ["source", "locator", "metadata", *_CONSTANT]
 assert STEPS.fieldNames() == ["trajectory_id", "step_idx", "action", "observations", "action_tool", "ingest_run_id"]
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a path or URI, and the path inside it. Hadoop's `s3a://` / `s3n://` are S3.
-
-    >>> type(filesystem("/tmp/x")[0]).__name__, filesystem("/tmp/x")[1]
-    ('LocalFileSystem', '/tmp/x')
-    """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    scheme, rest = uri.split("://", 1)
-    if scheme in ("s3a", "s3n"):
-        uri = f"s3://{rest}"
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise InputError(f"{uri!r}: pyarrow cannot open this filesystem ({e})") from e
 
 
 class Staging:
@@ -218,9 +210,7 @@ class Staging:
             n = len(columns[0])
             arrays = [pa.array(values, type=field.type) for values, field in zip(columns, schema, strict=False)]
             batch = pa.RecordBatch.from_arrays([*arrays, *self._constants(kind, n)], schema=schema)
-            for field, values in zip(schema, batch.columns, strict=True):
-                if not field.nullable and values.null_count:  # the converters never let one through
-                    raise ValueError(f"ingest: a {kind!r} row has no {field.name!r}")
+            require_values(batch, f"ingest ({kind!r} rows)")  # the converters never let a null through
             if kind in self.stats:
                 self.stats[kind].update(batch)
             if kind not in self.writers:
@@ -346,16 +336,10 @@ def _rewrite(table: pa.Table, *, files: dict[str, dict[str, str]], stats_columns
         fs, path = filesystem(source)
         rows = pq.read_table(path, filesystem=fs, schema=_ARROW[kind]).filter(pa.array(keep))
         target = f"{source.rsplit('/', 1)[0]}/{group}-{uuid.uuid4().hex[:8]}-c000.snappy.parquet"
-        fs, new_path = filesystem(target)
-        stats = FileStats(_ARROW[kind], stats_columns.get(kind, []))
-        with pq.ParquetWriter(new_path, _ARROW[kind], filesystem=fs, compression="snappy") as writer:
-            for batch in rows.to_batches(max_chunksize=BATCH_ROWS * 10):
-                stats.update(batch)
-                writer.write_batch(batch)
+        size, stats = write_parquet(target, _ARROW[kind], rows.to_batches(max_chunksize=BATCH_ROWS * 10),
+                                    stats_columns.get(kind, []))
         for name, value in zip(
-            REWRITTEN.fieldNames(),
-            (kind, source, target, rows.num_rows, fs.get_file_info(new_path).size, stats.json(), group),
-            strict=True,
+            REWRITTEN.fieldNames(), (kind, source, target, rows.num_rows, size, stats, group), strict=True
         ):
             out[name].append(value)
     return pa.Table.from_pydict(out, schema=to_arrow_schema(REWRITTEN))
@@ -370,15 +354,17 @@ def _delete(paths: list[str]) -> None:
             pass
 
 
-def _write(spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend | LatestTable, files: list[dict[str, Any]],
-           direct: bool) -> set[str]:
-    """Commit `files` (FILES-like dicts) to the table of `kind` in `txn`, or, when they are staged or a
-    concurrent commit got in first, write their rows with insert_new. The paths committed as they are."""
+def _write(
+    spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend | LatestTable, files: list[dict[str, Any]]
+) -> set[str]:
+    """Commit `files` (FILES-like dicts) to the table of `kind` in `txn`, or, when they are not in the table's
+    folder (staged), or a concurrent commit got in first, write their rows with insert_new. The paths
+    committed as they are."""
     if not files or not sum(f["rows"] for f in files):
         return set()
     name = TABLE_OF[kind]
     folder = txn.path.rstrip("/")
-    if direct and isinstance(txn, DirectAppend) and all(f["path"].startswith(f"{folder}/") for f in files):
+    if isinstance(txn, DirectAppend) and all(f["path"].startswith(f"{folder}/") for f in files):
         data = [DataFile(f["path"][len(folder) + 1:], f["bytes"], f["rows"], f["stats"]) for f in files]
         try:
             txn.commit(data)
@@ -390,14 +376,72 @@ def _write(spark: SparkSession, cfg: Config, kind: str, txn: DirectAppend | Late
     return set()
 
 
-def load(spark: SparkSession, cfg: Config, run_id: str, files: list[Any], dirs: dict[str, str],
-         stats_columns: dict[str, list[str]]) -> dict[str, int]:
-    """Commit (or write) the rows of one batch: `files` are the FILES rows of the Python pass, `dirs` where
-    it wrote `t` and `s` (plan_writes); stats (read, accepted, new, already_present, quarantined, ...)."""
-    files = [f.asDict() if hasattr(f, "asDict") else dict(f) for f in files]
+def _files_to_commit(
+    index: DataFrame,
+    new: DataFrame | None,
+    held: DataFrame | None,
+    written: list[dict[str, Any]],
+    n_steps: int,
+    stats_columns: dict[str, list[str]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The `t` / `s` files whose rows go into the tables: a task's file as written when every row of it is new,
+    none when no row is, else a rewrite with only its new rows (`_rewrite`). `new`: the recs to add (None:
+    all); `held`: trajectory ids whose steps `steps` already holds (None: none). Returns the files to commit,
+    the files the rewrite made, and the number of new steps."""
+    if new is None and held is None:
+        return written, [], n_steps
+    plan = index.select("rec", "trajectory_id", "pos", "s_rows", "group")
+    plan = plan.withColumn("keep_t", F.lit(True)) if new is None else plan.join(
+        F.broadcast(new.withColumn("keep_t", F.lit(True))), "rec", "left"
+    ).fillna(False, ["keep_t"])
+    plan = plan.withColumn("keep_s", F.col("keep_t")) if held is None else plan.join(
+        F.broadcast(held.withColumn("held", F.lit(True))), "trajectory_id", "left"
+    ).withColumn("keep_s", F.col("keep_t") & F.col("held").isNull())
+    plan = plan.select("group", "pos", "s_rows", "keep_t", "keep_s").persist()
+    by_group: dict[str, dict[str, dict[str, Any]]] = {}
+    for f in written:
+        by_group.setdefault(f["group"], {})[f["kind"]] = f
+    try:
+        per_group = plan.groupBy("group").agg(
+            F.count("*").alias("t_all"),
+            F.sum(F.col("keep_t").cast("long")).alias("t_keep"),
+            F.sum("s_rows").alias("s_all"),
+            F.sum(F.when(F.col("keep_s"), F.col("s_rows")).otherwise(0)).alias("s_keep"),
+        ).collect()
+        keep, partial_groups = [], set()
+        for g in per_group:
+            for kind, n_keep, n_all in ((TRAJECTORY, g["t_keep"], g["t_all"]), (STEP, g["s_keep"], g["s_all"])):
+                f = by_group.get(g["group"], {}).get(kind)
+                if f is not None and n_keep == n_all:
+                    keep.append(f)
+                elif f is not None and n_keep:
+                    partial_groups.add(g["group"])
+        rewritten = []
+        if partial_groups:
+            fn = partial(
+                _rewrite,
+                files={g: {k: f["path"] for k, f in fs.items()} for g, fs in by_group.items()},
+                stats_columns=stats_columns,
+            )
+            rewritten = [
+                r.asDict()
+                for r in plan.where(F.col("group").isin(sorted(partial_groups)))
+                .groupBy("group").applyInArrow(fn, REWRITTEN).collect()
+            ]
+    finally:
+        plan.unpersist()
+    return keep + rewritten, rewritten, sum(g["s_keep"] for g in per_group)
+
+
+def load(
+    spark: SparkSession, cfg: Config, run_id: str, files: list[Row], stats_columns: dict[str, list[str]]
+) -> dict[str, int]:
+    """Commit (or write) the rows of one batch: `files` are the FILES rows of the Python pass, `stats_columns`
+    the tables' statistics columns (plan_writes); stats (read, accepted, new, already_present, quarantined,
+    ...)."""
+    files = [f.asDict() for f in files]
     rows = {kind: sum(f["rows"] for f in files if f["kind"] == kind) for kind in FILE_SCHEMAS}
     ok, malformed = rows[TRAJECTORY], rows[QUARANTINED]
-    direct = {kind: dirs[kind].rstrip("/") == ensure_table(spark, cfg, name).rstrip("/") for kind, name in TABLE_OF.items()}
     index = _read(spark, [f["path"] for f in files if f["kind"] == INDEX], INDEX)
     written = [f for f in files if f["kind"] in TABLE_OF]
     committed: set[str] = set()
@@ -443,58 +487,10 @@ def load(spark: SparkSession, cfg: Config, run_id: str, files: list[Any], dirs: 
             if held.isEmpty():
                 held = None
 
-        by_group = {}
-        for f in written:
-            by_group.setdefault(f["group"], {})[f["kind"]] = f
-        if new is None and held is None:  # every row of every file: commit them as they are
-            keep = written
-            steps_new = rows[STEP]
-        else:
-            plan = index.select("rec", "trajectory_id", "pos", "s_rows", "group")
-            plan = plan.withColumn("keep_t", F.lit(True)) if new is None else plan.join(
-                F.broadcast(new.withColumn("keep_t", F.lit(True))), "rec", "left"
-            ).fillna(False, ["keep_t"])
-            plan = plan.withColumn("keep_s", F.col("keep_t")) if held is None else plan.join(
-                F.broadcast(held.withColumn("held", F.lit(True))), "trajectory_id", "left"
-            ).withColumn("keep_s", F.col("keep_t") & F.col("held").isNull())
-            plan = plan.select("group", "pos", "s_rows", "keep_t", "keep_s").persist()
-            try:
-                per_group = plan.groupBy("group").agg(
-                    F.count("*").alias("t_all"),
-                    F.sum(F.col("keep_t").cast("long")).alias("t_keep"),
-                    F.sum("s_rows").alias("s_all"),
-                    F.sum(F.when(F.col("keep_s"), F.col("s_rows")).otherwise(0)).alias("s_keep"),
-                ).collect()
-                keep, partial_groups, steps_new = [], [], 0
-                for g in per_group:
-                    steps_new += g["s_keep"]
-                    for kind, n_keep, n_all in ((TRAJECTORY, g["t_keep"], g["t_all"]), (STEP, g["s_keep"], g["s_all"])):
-                        f = by_group.get(g["group"], {}).get(kind)
-                        if f is None or n_keep == 0:
-                            continue
-                        if n_keep == n_all:
-                            keep.append(f)
-                        else:
-                            partial_groups.append(g["group"])
-                if partial_groups:
-                    fn = partial(
-                        _rewrite,
-                        files={g: {k: f["path"] for k, f in fs.items()} for g, fs in by_group.items()},
-                        stats_columns=stats_columns,
-                    )
-                    rewritten = (
-                        plan.where(F.col("group").isin(sorted(set(partial_groups))))
-                        .groupBy("group").applyInArrow(fn, REWRITTEN).collect()
-                    )
-                    new_files = [{**r.asDict()} for r in rewritten]
-                    written.extend(new_files)
-                    keep.extend(new_files)
-            finally:
-                plan.unpersist()
-
-        committed |= _write(spark, cfg, STEP, s_txn, [f for f in keep if f["kind"] == STEP], direct[STEP])
-        committed |= _write(spark, cfg, TRAJECTORY, t_txn, [f for f in keep if f["kind"] == TRAJECTORY],
-                            direct[TRAJECTORY])
+        keep, rewritten, steps_new = _files_to_commit(index, new, held, written, rows[STEP], stats_columns)
+        written += rewritten
+        committed |= _write(spark, cfg, STEP, s_txn, [f for f in keep if f["kind"] == STEP])
+        committed |= _write(spark, cfg, TRAJECTORY, t_txn, [f for f in keep if f["kind"] == TRAJECTORY])
     finally:
         if verdicts is not None:
             verdicts.unpersist()
